@@ -1,0 +1,38 @@
+// CPU backend of the sparse depth-wise conv: vectorised kernels per instruction set, chosen at run time,
+// run on a small persistent thread pool.
+#pragma once
+
+#include <cstdint>
+
+#include "deprune/dwconv.h"
+
+namespace deprune {
+namespace cpu {
+
+// Arguments of one call; pointers are host pointers. `block` is used for Layout::NHWC only.
+struct DWConvArgs {
+  DWConvShape shape;
+  SparseTaps taps;
+  BlockTaps block;
+  const float* bias;  // [C] or nullptr
+  Activation act;
+  Layout layout;
+  const float* x;
+  float* y;
+};
+
+// Runs the call with up to `num_threads` threads (the caller's thread included).
+void sparse_dwconv2d(const DWConvArgs& args, int num_threads);
+
+// Name of the instruction set the kernels dispatch to on this CPU: "avx512", "avx2" or "generic".
+const char* isa();
+
+// Per-ISA entry points (one translation unit each, compiled with its own -m flags). They compute the
+// output rows/planes in [begin, end) of the work split described in dwconv_cpu.cpp.
+using RangeKernel = void (*)(const DWConvArgs& args, int64_t begin, int64_t end, float* scratch);
+namespace generic { void nchw(const DWConvArgs&, int64_t, int64_t, float*); void nhwc(const DWConvArgs&, int64_t, int64_t, float*); }
+namespace avx2 { void nchw(const DWConvArgs&, int64_t, int64_t, float*); void nhwc(const DWConvArgs&, int64_t, int64_t, float*); }
+namespace avx512 { void nchw(const DWConvArgs&, int64_t, int64_t, float*); void nhwc(const DWConvArgs&, int64_t, int64_t, float*); }
+
+}  // namespace cpu
+}  // namespace deprune

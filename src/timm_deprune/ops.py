@@ -1,0 +1,232 @@
+"""``deprune::sparse_dwconv2d``: the sparse depth-wise conv as a PyTorch custom op over ``timm_deprune._C``.
+
+The op is registered with ``torch.library`` (with a fake kernel), so ``torch.compile(fullgraph=True)`` and
+``torch.export`` accept modules that call it. In eager mode :func:`sparse_dwconv2d` calls the native kernel
+directly, skipping the dispatcher (see BENCHMARKS.md for the measured per-call difference).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from ._backend import load_extension
+from .sparse_plan import MAX_KERNEL, SparseDWPlan
+
+__all__ = ["sparse_dwconv2d", "ACTIVATIONS", "resolve_padding", "output_size"]
+
+# Activation name -> code of deprune::Activation (cpp/include/deprune/dwconv.h).
+ACTIVATIONS = {"identity": 0, "relu": 1, "relu6": 2, "silu": 3, "hardswish": 4, "gelu": 5}
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+PaddingArg = Union[int, str, Sequence[int]]
+
+
+def _pair(value: Union[int, Sequence[int]], name: str, allowed: tuple[int, ...]) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        pair = (value, value)
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        pair = (int(value[0]), int(value[1]))
+    else:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    for v in pair:
+        if v not in allowed:
+            raise ValueError(f"{name} must be one of {list(allowed)} in each dimension, got {value!r}")
+    return pair
+
+
+def _same_pad(size: int, k: int, s: int, d: int) -> tuple[int, int]:
+    # TensorFlow "SAME": output = ceil(size / s); the extra pixel goes after (bottom/right), as timm's Conv2dSame.
+    total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def resolve_padding(
+    padding: PaddingArg, kernel_size: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int],
+    input_hw: tuple[int, int],
+) -> tuple[int, int, int, int]:
+    """Padding as ``(top, bottom, left, right)``.
+
+    Accepts an int, ``(pad_h, pad_w)``, a 4-tuple in ``F.pad`` order ``(left, right, top, bottom)``, ``"valid"``
+    or ``"same"`` (TensorFlow SAME, asymmetric when needed: the padding timm's ``Conv2dSame`` applies).
+    """
+    kh, kw = kernel_size
+    if isinstance(padding, str):
+        if padding == "valid":
+            return 0, 0, 0, 0
+        if padding == "same":
+            top, bottom = _same_pad(input_hw[0], kh, stride[0], dilation[0])
+            left, right = _same_pad(input_hw[1], kw, stride[1], dilation[1])
+            return top, bottom, left, right
+        raise ValueError(f"padding string must be 'same' or 'valid', got {padding!r}")
+    if isinstance(padding, int) and not isinstance(padding, bool):
+        pads = (padding,) * 4
+    elif isinstance(padding, (tuple, list)) and all(isinstance(p, int) for p in padding) and len(padding) == 2:
+        pads = (padding[0], padding[0], padding[1], padding[1])
+    elif isinstance(padding, (tuple, list)) and all(isinstance(p, int) for p in padding) and len(padding) == 4:
+        left, right, top, bottom = padding
+        pads = (top, bottom, left, right)
+    else:
+        raise ValueError(
+            "padding must be an int, (pad_h, pad_w), (left, right, top, bottom), 'same' or 'valid', got"
+            f" {padding!r}"
+        )
+    limits = (dilation[0] * (kh - 1),) * 2 + (dilation[1] * (kw - 1),) * 2
+    for p, limit in zip(pads, limits):
+        if p < 0 or p > limit:
+            raise ValueError(
+                f"padding {padding!r} out of range: (top, bottom) must be in [0, {limits[0]}] and (left, right) in"
+                f" [0, {limits[2]}] (dilation * (kernel - 1)) for kernel {kh}x{kw}, dilation {dilation}"
+            )
+    return pads
+
+
+def output_size(size: int, k: int, s: int, d: int, p0: int, p1: int) -> int:
+    return (size + p0 + p1 - d * (k - 1) - 1) // s + 1
+
+
+def _layout(x: torch.Tensor) -> int:
+    """0 = NCHW, 1 = channels_last. An input contiguous in both formats counts as NCHW."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return 1
+    return 0
+
+
+def _out_shape(x: torch.Tensor, kh: int, kw: int, stride: Sequence[int], padding: Sequence[int],
+               dilation: Sequence[int]) -> list[int]:
+    n, c, h, w = x.shape
+    oh = output_size(h, kh, stride[0], dilation[0], padding[0], padding[1])
+    ow = output_size(w, kw, stride[1], dilation[1], padding[2], padding[3])
+    return [n, c, oh, ow]
+
+
+def _run(x: torch.Tensor, offsets: torch.Tensor, taps: torch.Tensor, values: torch.Tensor,
+         block_offsets: torch.Tensor, block_taps: torch.Tensor, block_values: torch.Tensor,
+         bias: Optional[torch.Tensor], kh: int, kw: int, stride: Sequence[int], padding: Sequence[int],
+         dilation: Sequence[int], activation: int) -> torch.Tensor:
+    C = load_extension()
+    layout = _layout(x)
+    if layout == 0 and not x.is_contiguous():
+        x = x.contiguous()
+    shape = _out_shape(x, kh, kw, stride, padding, dilation)
+    fmt = torch.channels_last if layout else torch.contiguous_format
+    y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    n, c, h, w = x.shape
+    bias_ptr = bias.data_ptr() if bias is not None else 0
+    if x.device.type == "cpu":
+        C.dwconv2d_cpu(
+            x.data_ptr(), y.data_ptr(), offsets.data_ptr(), taps.data_ptr(), values.data_ptr(),
+            block_offsets.data_ptr(), block_taps.data_ptr(), block_values.data_ptr(), bias_ptr,
+            n, c, h, w, shape[2], shape[3], kh, kw, stride[0], stride[1], dilation[0], dilation[1],
+            padding[0], padding[2], activation, layout, torch.get_num_threads(),
+        )
+    else:
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        C.dwconv2d_cuda(
+            x.data_ptr(), y.data_ptr(), offsets.data_ptr(), taps.data_ptr(), values.data_ptr(), bias_ptr,
+            n, c, h, w, shape[2], shape[3], kh, kw, stride[0], stride[1], dilation[0], dilation[1],
+            padding[0], padding[2], activation, _DTYPE_CODES[x.dtype], layout, x.device.index or 0, stream,
+        )
+    return y
+
+
+@torch.library.custom_op("deprune::sparse_dwconv2d", mutates_args=())
+def _sparse_dwconv2d_op(
+    x: torch.Tensor, offsets: torch.Tensor, taps: torch.Tensor, values: torch.Tensor,
+    block_offsets: torch.Tensor, block_taps: torch.Tensor, block_values: torch.Tensor,
+    bias: Optional[torch.Tensor], kh: int, kw: int, stride: list[int], padding: list[int], dilation: list[int],
+    activation: int,
+) -> torch.Tensor:
+    return _run(x, offsets, taps, values, block_offsets, block_taps, block_values, bias, kh, kw, stride, padding,
+                dilation, activation)
+
+
+@_sparse_dwconv2d_op.register_fake
+def _(x, offsets, taps, values, block_offsets, block_taps, block_values, bias, kh, kw, stride, padding, dilation,
+      activation):
+    fmt = torch.channels_last if _layout(x) else torch.contiguous_format
+    return x.new_empty(_out_shape(x, kh, kw, stride, padding, dilation), memory_format=fmt)
+
+
+def _check_inputs(x: torch.Tensor, plan: SparseDWPlan, bias: Optional[torch.Tensor]) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(plan, SparseDWPlan):
+        raise TypeError(f"plan must be a SparseDWPlan (see build_plan), got {type(plan).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"expected a 4-D input [N, C, H, W], got {x.dim()}-D input of shape {list(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"expected a non-empty input (every size >= 1), got shape {list(x.shape)}")
+    if x.shape[1] != plan.channels:
+        raise ValueError(f"input has {x.shape[1]} channels but the plan was built for {plan.channels}")
+    if x.device != plan.device:
+        raise ValueError(f"input is on {x.device} but the plan is on {plan.device}; move one with plan.to(x.device)")
+    if x.device.type == "cpu":
+        if x.dtype != torch.float32:
+            raise TypeError(f"on the CPU the input must be torch.float32, got {x.dtype}")
+    elif x.device.type == "cuda":
+        if x.dtype not in _DTYPE_CODES:
+            raise TypeError(f"on CUDA the input must be float32, float16 or bfloat16, got {x.dtype}")
+    else:
+        raise ValueError(f"unsupported device {x.device}: expected cpu or cuda")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (plan.channels,):
+            got = list(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"bias must be a tensor of shape [{plan.channels}], got {got}")
+        if bias.device != x.device:
+            raise ValueError(f"bias is on {bias.device} but the input is on {x.device}")
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        raise RuntimeError(
+            "sparse_dwconv2d is an inference op without a backward; run it under torch.no_grad() /"
+            " torch.inference_mode(), or train with the masked dense conv"
+        )
+
+
+def sparse_dwconv2d(
+    x: torch.Tensor,
+    plan: SparseDWPlan,
+    bias: Optional[torch.Tensor] = None,
+    activation: str = "identity",
+    stride: Union[int, Sequence[int]] = 1,
+    padding: PaddingArg = 0,
+    dilation: Union[int, Sequence[int]] = 1,
+) -> torch.Tensor:
+    """Depth-wise conv of ``x`` with the kept taps of ``plan``, then ``activation(out + bias)`` fused.
+
+    Args:
+        x: ``[N, C, H, W]`` input, NCHW or channels_last (the output keeps that memory format); fp32 on the CPU,
+            fp32 / fp16 / bf16 on CUDA.
+        plan: kept taps from :func:`~timm_deprune.sparse_plan.build_plan`, on ``x``'s device.
+        bias: optional per-channel bias ``[C]`` added before the activation.
+        activation: ``identity``, ``relu``, ``relu6``, ``silu``, ``hardswish`` or ``gelu`` (exact erf form).
+        stride: 1 or 2 (int or per dimension).
+        padding: int, ``(pad_h, pad_w)``, ``(left, right, top, bottom)`` as ``F.pad``, ``"valid"`` or ``"same"``
+            (TF SAME, asymmetric like timm's ``Conv2dSame``).
+        dilation: 1 or 2 (int or per dimension).
+
+    Example:
+        >>> w = torch.randn(32, 1, 3, 3); plan = build_plan(w, torch.rand(32, 3, 3) > 0.71)
+        >>> y = sparse_dwconv2d(torch.randn(1, 32, 56, 56), plan, activation="relu6", padding=1)
+    """
+    _check_inputs(x, plan, bias)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    stride = _pair(stride, "stride", (1, 2))
+    dilation = _pair(dilation, "dilation", (1, 2))
+    kh, kw = plan.kernel_size
+    pads = resolve_padding(padding, (kh, kw), stride, dilation, (x.shape[2], x.shape[3]))
+    oh = output_size(x.shape[2], kh, stride[0], dilation[0], pads[0], pads[1])
+    ow = output_size(x.shape[3], kw, stride[1], dilation[1], pads[2], pads[3])
+    if oh < 1 or ow < 1:
+        raise ValueError(
+            f"input of spatial size {list(x.shape[2:])} is too small for kernel {kh}x{kw} with padding"
+            f" (top, bottom, left, right)={pads}, dilation {dilation}: output would be {oh}x{ow}"
+        )
+    if bias is not None:
+        bias = bias.detach().to(torch.float32).contiguous()
+    args = (x, plan.offsets, plan.taps, plan.values, plan.block_offsets, plan.block_taps, plan.block_values, bias,
+            kh, kw, list(stride), list(pads), list(dilation), ACTIVATIONS[activation])
+    if torch.compiler.is_compiling():
+        return torch.ops.deprune.sparse_dwconv2d(*args)
+    plan.check_weight()
+    return _run(*args)

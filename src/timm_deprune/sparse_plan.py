@@ -1,0 +1,159 @@
+"""Kernel plan of a pruned depth-wise conv: the kept taps of every channel, built once and reused per call."""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+import torch
+
+__all__ = ["SparseDWPlan", "build_plan", "CHANNEL_BLOCK", "GROUP_SIZE"]
+
+GROUP_SIZE = 32  # channels per diagonal-wise sub-GEMM (DESIGN.md §1); CUDA thread blocks follow it
+CHANNEL_BLOCK = 8  # channels per SIMD vector in the channels_last CPU kernel (deprune::kChannelBlock)
+MAX_KERNEL = 11
+
+
+@dataclass(frozen=True, eq=False)
+class SparseDWPlan:
+    """Kept taps of a depth-wise conv in CSR form, plus per-group statistics.
+
+    Channel ``c`` owns entries ``offsets[c]:offsets[c+1]`` of ``taps`` (``ky * kw + kx``, int32) and ``values``
+    (fp32 weights). ``block_*`` hold the same taps per block of ``CHANNEL_BLOCK`` channels for the
+    channels_last kernel (the union of the block's kept taps, zero-filled weights).
+    """
+
+    channels: int
+    kernel_size: tuple[int, int]
+    offsets: torch.Tensor
+    taps: torch.Tensor
+    values: torch.Tensor
+    block_offsets: torch.Tensor
+    block_taps: torch.Tensor
+    block_values: torch.Tensor
+    group_nnz: tuple[int, ...]  # kept taps per GROUP_SIZE-channel group
+    group_size: int = GROUP_SIZE
+    weight_shape: tuple[int, ...] = ()
+    _weight_ref: Optional[weakref.ref] = field(default=None, repr=False)
+    _weight_version: int = field(default=-1, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def nnz(self) -> int:
+        return int(self.taps.numel())
+
+    @property
+    def keep_ratio(self) -> float:
+        kh, kw = self.kernel_size
+        return self.nnz / float(self.channels * kh * kw)
+
+    @property
+    def is_balanced(self) -> bool:
+        """True when every full group keeps the same number of taps (BWT); a trailing partial group may differ."""
+        full = self.channels // self.group_size
+        return len(set(self.group_nnz[:full])) <= 1
+
+    def to(self, device: torch.device | str) -> "SparseDWPlan":
+        """A copy of the plan with its tensors on ``device`` (the same plan when already there)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        move = {
+            name: getattr(self, name).to(device)
+            for name in ("offsets", "taps", "values", "block_offsets", "block_taps", "block_values")
+        }
+        return replace(self, **move)
+
+    def check_weight(self) -> None:
+        """Raise when the weight this plan was built from changed shape or was modified in place since."""
+        if self._weight_ref is None:
+            return
+        weight = self._weight_ref()
+        if weight is None:
+            return
+        if tuple(weight.shape) != self.weight_shape:
+            raise ValueError(
+                f"SparseDWPlan was built for a depth-wise weight of shape {list(self.weight_shape)}, but that weight"
+                f" now has shape {list(weight.shape)}; rebuild the plan with build_plan(weight, mask)"
+            )
+        if weight._version != self._weight_version:
+            raise ValueError(
+                "SparseDWPlan is stale: its weight was modified in place after the plan was built (version"
+                f" {self._weight_version} -> {weight._version}); rebuild the plan with build_plan(weight, mask)"
+            )
+
+
+def build_plan(weight: torch.Tensor, mask: torch.Tensor, group_size: int = GROUP_SIZE) -> SparseDWPlan:
+    """Build the kernel plan of a depth-wise conv from its weight ``[C, 1, kh, kw]`` and tap mask ``[C, kh, kw]``.
+
+    ``mask`` must be boolean (True = tap kept). The plan lives on the weight's device; weights are stored in fp32.
+
+    Example:
+        >>> w = torch.randn(64, 1, 3, 3); m = torch.rand(64, 3, 3) > 0.7
+        >>> plan = build_plan(w, m); plan.nnz == int(m.sum())
+        True
+    """
+    if not isinstance(weight, torch.Tensor) or not isinstance(mask, torch.Tensor):
+        raise TypeError(f"weight and mask must be tensors, got {type(weight).__name__} and {type(mask).__name__}")
+    if weight.dim() != 4 or weight.shape[1] != 1:
+        raise ValueError(f"expected a depth-wise weight of shape [C, 1, kh, kw], got {list(weight.shape)}")
+    channels, _, kh, kw = (int(s) for s in weight.shape)
+    if channels < 1:
+        raise ValueError(f"expected at least one channel, got weight shape {list(weight.shape)}")
+    if not (1 <= kh <= MAX_KERNEL and 1 <= kw <= MAX_KERNEL):
+        raise ValueError(f"kernel size must be between 1 and {MAX_KERNEL}, got {kh}x{kw}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a torch.bool tensor (True = tap kept), got dtype {mask.dtype}")
+    if tuple(mask.shape) != (channels, kh, kw):
+        raise ValueError(f"mask shape {list(mask.shape)} does not match the weight: expected {[channels, kh, kw]}")
+    if mask.device != weight.device:
+        raise ValueError(f"mask is on {mask.device} but the weight is on {weight.device}")
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"weight must be floating point, got {weight.dtype}")
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+
+    with torch.no_grad():
+        w = weight.detach().reshape(channels, kh * kw).to(torch.float32)
+        m = mask.reshape(channels, kh * kw)
+        counts = m.sum(dim=1, dtype=torch.int32)
+        offsets = torch.zeros(channels + 1, dtype=torch.int32, device=w.device)
+        offsets[1:] = torch.cumsum(counts, 0)
+        ch_idx, tap_idx = m.nonzero(as_tuple=True)  # row-major: channels ascending, taps ascending within one
+        taps = tap_idx.to(torch.int32)
+        values = w[ch_idx, tap_idx].contiguous()
+
+        nblocks = -(-channels // CHANNEL_BLOCK)
+        pad = nblocks * CHANNEL_BLOCK - channels
+        wm = torch.where(m, w, torch.zeros((), dtype=w.dtype, device=w.device))
+        if pad:
+            wm = torch.cat([wm, wm.new_zeros(pad, kh * kw)])
+            m = torch.cat([m, m.new_zeros(pad, kh * kw)])
+        wb = wm.reshape(nblocks, CHANNEL_BLOCK, kh * kw)
+        block_mask = m.reshape(nblocks, CHANNEL_BLOCK, kh * kw).any(dim=1)  # [nblocks, K]
+        b_idx, bt_idx = block_mask.nonzero(as_tuple=True)
+        block_offsets = torch.zeros(nblocks + 1, dtype=torch.int32, device=w.device)
+        block_offsets[1:] = torch.cumsum(block_mask.sum(dim=1, dtype=torch.int32), 0)
+        block_taps = bt_idx.to(torch.int32)
+        block_values = wb[b_idx, :, bt_idx].contiguous()  # [nnz_blocks, CHANNEL_BLOCK]
+
+        group_nnz = tuple(int(v) for v in torch.stack([g.sum() for g in counts.split(group_size)]).cpu())
+
+    return SparseDWPlan(
+        channels=channels,
+        kernel_size=(kh, kw),
+        offsets=offsets,
+        taps=taps,
+        values=values,
+        block_offsets=block_offsets,
+        block_taps=block_taps,
+        block_values=block_values,
+        group_nnz=group_nnz,
+        group_size=group_size,
+        weight_shape=tuple(weight.shape),
+        _weight_ref=weakref.ref(weight),
+        _weight_version=weight._version,
+    )
