@@ -104,5 +104,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_compiled", &cuda::compiled, "True when built with the CUDA kernels.");
   m.def("cuda_device_count", &cuda::device_count, "Visible CUDA devices as seen by the extension's runtime.");
   m.def("cpu_isa", [] { return std::string(cpu::isa()); }, "Instruction set the CPU kernels dispatch to.");
+  m.def("set_cpu_isa", [](const std::string& name) { cpu::set_isa(name.c_str()); },
+        "Force the CPU kernels' instruction set (avx512, avx2, generic); raises if this CPU lacks it.");
+  m.def("cpu_isa_supported", [](const std::string& name) { return cpu::isa_supported(name.c_str()); },
+        "Whether this CPU can run the named instruction set.");
   m.attr("CHANNEL_BLOCK") = kChannelBlock;
 }

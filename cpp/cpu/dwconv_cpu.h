@@ -9,6 +9,8 @@
 namespace deprune {
 namespace cpu {
 
+constexpr int kMaxTaps = 11 * 11;  // largest kernel the plan builder accepts
+
 // Arguments of one call; pointers are host pointers. `block` is used for Layout::NHWC only.
 struct DWConvArgs {
   DWConvShape shape;
@@ -24,8 +26,13 @@ struct DWConvArgs {
 // Runs the call with up to `num_threads` threads (the caller's thread included).
 void sparse_dwconv2d(const DWConvArgs& args, int num_threads);
 
-// Name of the instruction set the kernels dispatch to on this CPU: "avx512", "avx2" or "generic".
+// Name of the instruction set the kernels dispatch to: "avx512", "avx2" or "generic" (the best this CPU
+// supports, unless overridden by set_isa or the DEPRUNE_CPU_ISA environment variable).
 const char* isa();
+// Forces an instruction set (for tests and benchmarks); throws std::invalid_argument if the CPU lacks it.
+void set_isa(const char* name);
+// Whether this CPU (and OS) can run the named instruction set.
+bool isa_supported(const char* name);
 
 // Per-ISA entry points (one translation unit each, compiled with its own -m flags). They compute the
 // output rows/planes in [begin, end) of the work split described in dwconv_cpu.cpp.

@@ -1,0 +1,15 @@
+// CPU kernels compiled for the 'avx2' instruction set (flags in CMakeLists.txt); chosen at run time.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "dwconv_cpu.h"
+
+namespace deprune {
+namespace cpu {
+namespace avx2 {
+#include "dwconv_cpu_kernels.inc"
+}  // namespace avx2
+}  // namespace cpu
+}  // namespace deprune

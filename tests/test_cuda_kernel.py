@@ -1,0 +1,401 @@
+"""The CUDA sparse depth-wise conv kernel against a float64 reference.
+
+The host emulation (``_C.dwconv2d_cuda_emulate``) runs the kernel's per-thread phases block by block on the CPU, so
+its index math is checked on every machine; tests marked ``gpu`` run the real kernel through ``sparse_dwconv2d``.
+Every test draws fresh random data; the seed is printed on failure (set ``DEPRUNE_TEST_SEED`` to replay one).
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from timm_deprune import sparse_dwconv2d
+from timm_deprune._backend import load_extension
+from timm_deprune.ops import ACTIVATIONS, output_size
+from timm_deprune.sparse_plan import GROUP_SIZE, build_plan
+
+_C = load_extension()
+
+KERNELS = [(1, 1), (3, 3), (5, 5), (7, 7), (1, 9), (9, 1), (11, 11), (2, 4)]
+MASK_KINDS = ["random", "balanced", "hsr", "extremes", "dense", "empty"]
+
+
+def _gpu_skip_reason() -> Optional[str]:
+    if not torch.cuda.is_available():
+        return "needs a CUDA device: torch.cuda.is_available() is False"
+    if not _C.cuda_compiled():
+        return "timm_deprune._C was built without CUDA kernels (rebuild with -C cmake.define.DEPRUNE_CUDA=ON)"
+    return None
+
+
+requires_gpu = pytest.mark.skipif(_gpu_skip_reason() is not None, reason=_gpu_skip_reason() or "")
+
+
+@pytest.fixture
+def seed() -> int:
+    """A fresh seed per test; DEPRUNE_TEST_SEED replays a failure."""
+    return int(os.environ.get("DEPRUNE_TEST_SEED", random.SystemRandom().getrandbits(31)))
+
+
+def make_mask(gen: torch.Generator, weight: torch.Tensor, kind: str, keep: float = 0.5) -> torch.Tensor:
+    """Tap mask ``[C, kh, kw]`` of one of MASK_KINDS (``keep`` is the kept fraction where it applies)."""
+    C, _, kh, kw = weight.shape
+    K = kh * kw
+    if kind == "dense":
+        return torch.ones(C, kh, kw, dtype=torch.bool)
+    if kind == "empty":
+        return torch.zeros(C, kh, kw, dtype=torch.bool)
+    if kind in ("random", "extremes"):
+        rate = torch.rand(C, 1, 1, generator=gen)  # per-channel keep rates: unbalanced groups
+        mask = torch.rand(C, kh, kw, generator=gen) < rate
+        if kind == "extremes":
+            mask[0::3] = False  # all-pruned channels
+            mask[1::3] = True  # all-kept channels
+        return mask
+    if kind in ("balanced", "hsr"):
+        # BWT: rank |w| within each 32-channel group, every full group keeps the same count; 'hsr' rounds the
+        # group's count to whole tiles of 32 taps.
+        scores = weight.detach().abs().reshape(C, K)
+        mask = torch.zeros(C, K, dtype=torch.bool)
+        for g0 in range(0, C, GROUP_SIZE):
+            block = scores[g0:g0 + GROUP_SIZE].reshape(-1)
+            count = round(keep * block.numel())
+            if kind == "hsr":
+                count = min(round(count / 32) * 32, block.numel())
+            kept = torch.zeros(block.numel(), dtype=torch.bool)
+            kept[torch.topk(block, count).indices] = True
+            mask[g0:g0 + GROUP_SIZE] = kept.reshape(-1, K)
+        return mask.reshape(C, kh, kw)
+    raise ValueError(f"unknown mask kind {kind!r}")
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: Optional[torch.Tensor],
+              stride: tuple[int, int], dilation: tuple[int, int], pads: tuple[int, int, int, int],
+              act: str) -> torch.Tensor:
+    """float64 masked depth-wise conv; ``pads`` is (top, bottom, left, right)."""
+    top, bottom, left, right = pads
+    xp = F.pad(x.double(), (left, right, top, bottom))
+    w = weight.double() * mask[:, None].double()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convs: worker threads only add stalls when the machine is busy
+    try:
+        y = F.conv2d(xp, w, bias.double() if bias is not None else None, stride, 0, dilation, groups=x.shape[1])
+    finally:
+        torch.set_num_threads(threads)
+    if act == "relu":
+        return F.relu(y)
+    if act == "relu6":
+        return y.clamp(0.0, 6.0)
+    if act == "silu":
+        return F.silu(y)
+    if act == "hardswish":
+        return F.hardswish(y)
+    if act == "gelu":
+        return F.gelu(y)
+    return y
+
+
+def assert_close(y: torch.Tensor, ref: torch.Tensor, rel: float, info: str) -> None:
+    assert not torch.isnan(y).any(), f"output has NaN (an output the grid never wrote?): {info}"
+    err = (y.double() - ref).abs().max().item()
+    scale = max(1.0, ref.abs().max().item())
+    assert err <= rel * scale, f"max |y - ref| = {err:.3g} > {rel:g} * {scale:.3g}: {info}"
+
+
+@dataclass
+class Case:
+    N: int = 2
+    C: int = 33
+    H: int = 9
+    W: int = 11
+    kernel: tuple[int, int] = (3, 3)
+    stride: tuple[int, int] = (1, 1)
+    dilation: tuple[int, int] = (1, 1)
+    padding: str | tuple[int, int, int, int] = "sym"  # 'sym', 'valid', 'same' or (top, bottom, left, right)
+    mask: str = "random"
+    keep: float = 0.5
+    act: str = "identity"
+    bias: bool = True
+    channels_last: bool = False
+
+    def pads(self) -> tuple[int, int, int, int]:
+        (kh, kw), (dh, dw), (sh, sw) = self.kernel, self.dilation, self.stride
+        if self.padding == "sym":
+            return (dh * (kh - 1) // 2,) * 2 + (dw * (kw - 1) // 2,) * 2
+        if self.padding == "valid":
+            return 0, 0, 0, 0
+        if self.padding == "same":  # TF SAME, asymmetric for even extents / stride 2
+            th = max((-(-self.H // sh) - 1) * sh + (kh - 1) * dh + 1 - self.H, 0)
+            tw = max((-(-self.W // sw) - 1) * sw + (kw - 1) * dw + 1 - self.W, 0)
+            return th // 2, th - th // 2, tw // 2, tw - tw // 2
+        return tuple(self.padding)
+
+    def make(self, gen: torch.Generator):
+        kh, kw = self.kernel
+        x = torch.randn(self.N, self.C, self.H, self.W, generator=gen)
+        weight = torch.randn(self.C, 1, kh, kw, generator=gen)
+        mask = make_mask(gen, weight, self.mask, self.keep)
+        bias = torch.randn(self.C, generator=gen) if self.bias else None
+        return x, weight, mask, bias
+
+
+def run_emulation(case: Case, gen: torch.Generator, seed: int) -> None:
+    x, weight, mask, bias = case.make(gen)
+    plan = build_plan(weight, mask)
+    pads = case.pads()
+    ref = reference(x, weight, mask, bias, case.stride, case.dilation, pads, case.act)
+    (kh, kw), (sh, sw), (dh, dw) = case.kernel, case.stride, case.dilation
+    oh = output_size(case.H, kh, sh, dh, pads[0], pads[1])
+    ow = output_size(case.W, kw, sw, dw, pads[2], pads[3])
+    assert (oh, ow) == tuple(ref.shape[2:])
+    fmt = torch.channels_last if case.channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
+    y = torch.empty(ref.shape, dtype=torch.float32, memory_format=fmt).fill_(float("nan"))
+    _C.dwconv2d_cuda_emulate(
+        x.data_ptr(), y.data_ptr(), plan.offsets.data_ptr(), plan.taps.data_ptr(), plan.values.data_ptr(),
+        bias.data_ptr() if bias is not None else 0, case.N, case.C, case.H, case.W, oh, ow, kh, kw, sh, sw, dh, dw,
+        pads[0], pads[2], ACTIVATIONS[case.act], int(case.channels_last),
+    )
+    assert_close(y, ref, 1e-5, f"{case} seed={seed}")
+
+
+# --- emulation of the CUDA grid on the CPU (always run) -------------------------------------------------------------
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: f"{k[0]}x{k[1]}")
+def test_emulation_kernel_sizes(kernel, stride, channels_last, seed):
+    gen = torch.Generator().manual_seed(seed)
+    run_emulation(Case(kernel=kernel, stride=(stride, stride), H=13, W=12, channels_last=channels_last), gen, seed)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("mask", MASK_KINDS)
+@pytest.mark.parametrize("C", [1, 31, 32, 33, 70])
+def test_emulation_channels_and_masks(C, mask, channels_last, seed):
+    gen = torch.Generator().manual_seed(seed)
+    run_emulation(Case(C=C, mask=mask, keep=0.29, channels_last=channels_last), gen, seed)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("act", list(ACTIVATIONS))
+def test_emulation_activations(act, bias, channels_last, seed):
+    gen = torch.Generator().manual_seed(seed)
+    run_emulation(Case(act=act, bias=bias, mask="extremes", channels_last=channels_last), gen, seed)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize(
+    "kernel,stride,dilation,padding",
+    [
+        ((3, 3), (1, 1), (2, 2), "sym"),
+        ((5, 5), (2, 2), (2, 2), "sym"),
+        ((3, 5), (2, 1), (1, 2), "sym"),
+        ((3, 3), (2, 2), (1, 1), "same"),  # asymmetric: the extra row/column goes bottom/right
+        ((5, 5), (2, 2), (1, 1), "same"),
+        ((4, 4), (1, 1), (1, 1), "same"),
+        ((3, 3), (1, 1), (1, 1), "valid"),
+        ((5, 3), (1, 2), (1, 1), (0, 4, 2, 0)),
+        ((7, 7), (2, 2), (2, 1), (12, 1, 0, 6)),
+        ((3, 3), (1, 2), (1, 1), (2, 0, 1, 2)),
+    ],
+    ids=str,
+)
+def test_emulation_stride_dilation_padding(kernel, stride, dilation, padding, channels_last, seed):
+    gen = torch.Generator().manual_seed(seed)
+    case = Case(N=1, C=40, H=11, W=14, kernel=kernel, stride=stride, dilation=dilation, padding=padding,
+                mask="balanced", channels_last=channels_last)
+    run_emulation(case, gen, seed)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize(
+    "N,H,W,kernel",
+    [
+        (1, 1, 1, (3, 3)),  # every tap but the centre reads padding
+        (3, 1, 1, (1, 1)),
+        (3, 1, 13, (3, 3)),
+        (1, 7, 5, (5, 5)),
+        (3, 19, 23, (3, 3)),  # several spatial tiles per block row, with a ragged last tile
+        (1, 37, 3, (3, 3)),
+    ],
+    ids=str,
+)
+def test_emulation_spatial_sizes_and_batch(N, H, W, kernel, channels_last, seed):
+    gen = torch.Generator().manual_seed(seed)
+    run_emulation(Case(N=N, C=35, H=H, W=W, kernel=kernel, channels_last=channels_last), gen, seed)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("kernel", [(9, 9), (11, 11)], ids=lambda k: f"{k[0]}x{k[1]}")
+def test_emulation_group_list_staged_in_chunks(kernel, channels_last, seed):
+    # A dense 9x9 / 11x11 group holds 2592 / 3872 taps: more than one shared-memory chunk.
+    gen = torch.Generator().manual_seed(seed)
+    run_emulation(Case(N=1, C=64, H=12, W=10, kernel=kernel, mask="dense", channels_last=channels_last), gen, seed)
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_emulation_random_shapes(data):
+    kh, kw = data.draw(st.integers(1, 11), label="kh"), data.draw(st.integers(1, 11), label="kw")
+    sh, sw = data.draw(st.sampled_from([1, 2]), label="sh"), data.draw(st.sampled_from([1, 2]), label="sw")
+    dh, dw = data.draw(st.sampled_from([1, 2]), label="dh"), data.draw(st.sampled_from([1, 2]), label="dw")
+    pads = tuple(data.draw(st.integers(0, e), label=name)
+                 for name, e in (("top", dh * (kh - 1)), ("bottom", dh * (kh - 1)),
+                                 ("left", dw * (kw - 1)), ("right", dw * (kw - 1))))
+    # Inputs at least as large as the padded kernel extent, so the output is never empty.
+    H = data.draw(st.integers(max(1, dh * (kh - 1) + 1 - pads[0] - pads[1]), 16), label="H")
+    W = data.draw(st.integers(max(1, dw * (kw - 1) + 1 - pads[2] - pads[3]), 16), label="W")
+    case = Case(
+        N=data.draw(st.integers(1, 3), label="N"), C=data.draw(st.integers(1, 70), label="C"), H=H, W=W,
+        kernel=(kh, kw), stride=(sh, sw), dilation=(dh, dw), padding=pads,
+        mask=data.draw(st.sampled_from(MASK_KINDS), label="mask"), keep=data.draw(st.floats(0.0, 1.0), label="keep"),
+        act=data.draw(st.sampled_from(list(ACTIVATIONS)), label="act"), bias=data.draw(st.booleans(), label="bias"),
+        channels_last=data.draw(st.booleans(), label="channels_last"),
+    )
+    seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
+    run_emulation(case, torch.Generator().manual_seed(seed), seed)
+
+
+def test_emulation_rejects_null_pointers():
+    with pytest.raises(ValueError, match="null"):
+        _C.dwconv2d_cuda_emulate(0, 0, 0, 0, 0, 0, 1, 1, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1, 0, 0)
+
+
+@pytest.mark.skipif(_C.cuda_device_count() > 0, reason="a CUDA device is visible: the GPU tests cover the launch")
+def test_cuda_entry_point_raises_without_a_device():
+    # Without CUDA kernels (or with them but no usable device) the call raises; it must never crash.
+    x = torch.zeros(1, 1, 3, 3)
+    plan = build_plan(torch.ones(1, 1, 3, 3), torch.ones(1, 3, 3, dtype=torch.bool))
+    expected = "cudaSetDevice" if _C.cuda_compiled() else "built without CUDA kernels"
+    with pytest.raises(RuntimeError, match=expected):
+        _C.dwconv2d_cuda(x.data_ptr(), x.data_ptr(), plan.offsets.data_ptr(), plan.taps.data_ptr(),
+                         plan.values.data_ptr(), 0, 1, 1, 3, 3, 1, 1, 3, 3, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0)
+
+
+# --- the kernel on a GPU ---------------------------------------------------------------------------------------
+
+GPU_CASES = [
+    Case(),
+    Case(N=1, C=1, H=1, W=1, kernel=(3, 3)),
+    Case(N=3, C=70, H=19, W=23, kernel=(5, 5), stride=(2, 2), mask="balanced"),
+    Case(C=31, kernel=(7, 7), dilation=(2, 2), H=15, W=16, mask="extremes", act="relu6"),
+    Case(C=64, kernel=(11, 11), mask="dense", H=12, W=13, act="silu"),  # chunked group lists
+    Case(C=96, H=56, W=56, kernel=(3, 3), stride=(2, 2), padding="same", mask="hsr", act="hardswish"),
+    Case(C=48, kernel=(1, 9), padding=(0, 0, 4, 4), mask="random", act="gelu", bias=False),
+    Case(C=40, kernel=(9, 1), stride=(1, 2), padding=(3, 5, 0, 0), mask="empty", act="relu"),
+]
+
+
+def run_gpu(case: Case, dtype: torch.dtype, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    x, weight, mask, bias = case.make(gen)
+    x = x.to(dtype)  # the reference sees the same rounded input
+    pads = case.pads()
+    ref = reference(x, weight, mask, bias, case.stride, case.dilation, pads, case.act)
+    fmt = torch.channels_last if case.channels_last else torch.contiguous_format
+    plan = build_plan(weight.cuda(), mask.cuda())
+    bias = bias.cuda() if bias is not None else None
+    top, bottom, left, right = pads
+    y = sparse_dwconv2d(x.cuda().contiguous(memory_format=fmt), plan, bias, case.act, case.stride,
+                        (left, right, top, bottom), case.dilation)
+    assert y.dtype == dtype
+    assert y.is_contiguous(memory_format=fmt)
+    rel = 1e-5 if dtype == torch.float32 else 1e-2
+    assert_close(y.cpu(), ref, rel, f"{case} dtype={dtype} seed={seed}")
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_extension_sees_torch_devices():
+    assert _C.cuda_device_count() == torch.cuda.device_count(), (
+        f"_C sees {_C.cuda_device_count()} CUDA devices, torch sees {torch.cuda.device_count()}: is the driver"
+        " older than the CUDA toolkit the extension was built with?"
+    )
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"C{c.C}-{c.kernel[0]}x{c.kernel[1]}-s{c.stride[0]}"
+                         f"-d{c.dilation[0]}-{c.mask}-{c.act}")
+def test_gpu_matches_reference(case, dtype, channels_last, seed):
+    case = Case(**{**case.__dict__, "channels_last": channels_last})
+    run_gpu(case, dtype, seed)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("act", list(ACTIVATIONS))
+def test_gpu_activations(act, seed):
+    run_gpu(Case(act=act, mask="extremes"), torch.float32, seed)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_gpu_runs_on_the_current_stream(channels_last, seed):
+    # The side stream sleeps, then overwrites x: only a kernel queued behind the copy on that stream sees the new x.
+    gen = torch.Generator().manual_seed(seed)
+    case = Case(N=4, C=64, H=28, W=28, mask="balanced", channels_last=channels_last)
+    old, weight, mask, bias = case.make(gen)
+    new = torch.randn(old.shape, generator=gen)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    xd = old.cuda().contiguous(memory_format=fmt)
+    new_d = new.cuda().contiguous(memory_format=fmt)
+    plan, bias_d = build_plan(weight.cuda(), mask.cuda()), bias.cuda()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(100_000_000)
+        xd.copy_(new_d)
+        y = sparse_dwconv2d(xd, plan, bias_d, padding=1)
+    torch.cuda.synchronize()
+    ref = reference(new, weight, mask, bias, (1, 1), (1, 1), case.pads(), "identity")
+    assert_close(y.cpu(), ref, 1e-5, f"{case} seed={seed}")
+
+
+@pytest.mark.gpu
+@requires_gpu
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_gpu_random_shapes(data):
+    kh, kw = data.draw(st.integers(1, 11), label="kh"), data.draw(st.integers(1, 11), label="kw")
+    sh, sw = data.draw(st.sampled_from([1, 2]), label="sh"), data.draw(st.sampled_from([1, 2]), label="sw")
+    dh, dw = data.draw(st.sampled_from([1, 2]), label="dh"), data.draw(st.sampled_from([1, 2]), label="dw")
+    pads = tuple(data.draw(st.integers(0, e)) for e in (dh * (kh - 1), dh * (kh - 1), dw * (kw - 1), dw * (kw - 1)))
+    H = data.draw(st.integers(max(1, dh * (kh - 1) + 1 - pads[0] - pads[1]), 40), label="H")
+    W = data.draw(st.integers(max(1, dw * (kw - 1) + 1 - pads[2] - pads[3]), 40), label="W")
+    case = Case(
+        N=data.draw(st.integers(1, 4), label="N"), C=data.draw(st.integers(1, 200), label="C"), H=H, W=W,
+        kernel=(kh, kw), stride=(sh, sw), dilation=(dh, dw), padding=pads,
+        mask=data.draw(st.sampled_from(MASK_KINDS), label="mask"), keep=data.draw(st.floats(0.0, 1.0), label="keep"),
+        act=data.draw(st.sampled_from(list(ACTIVATIONS)), label="act"), bias=data.draw(st.booleans(), label="bias"),
+        channels_last=data.draw(st.booleans(), label="channels_last"),
+    )
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), label="dtype")
+    run_gpu(case, dtype, data.draw(st.integers(0, 2**31 - 1), label="seed"))
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_device_mismatch_is_an_error():
+    weight = torch.randn(8, 1, 3, 3)
+    plan = build_plan(weight, torch.ones(8, 3, 3, dtype=torch.bool))
+    x = torch.randn(1, 8, 5, 5, device="cuda")
+    with pytest.raises(ValueError, match="input is on cuda:0 but the plan is on cpu"):
+        sparse_dwconv2d(x, plan)
+    with pytest.raises(ValueError, match="bias is on cpu but the input is on cuda"):
+        sparse_dwconv2d(x, plan.to(x.device), bias=torch.zeros(8))
+    with pytest.raises(ValueError, match="but the plan is on cuda"):
+        sparse_dwconv2d(x.cpu(), plan.to(x.device))
