@@ -7,6 +7,7 @@
 #include <string>
 
 #include "cpu/dwconv_cpu.h"
+#include "cpu/parallel.h"
 #include "cuda/dwconv_cuda.h"
 #include "deprune/dwconv.h"
 
@@ -108,5 +109,6 @@ PYBIND11_MODULE(_C, m) {
         "Force the CPU kernels' instruction set (avx512, avx2, generic); raises if this CPU lacks it.");
   m.def("cpu_isa_supported", [](const std::string& name) { return cpu::isa_supported(name.c_str()); },
         "Whether this CPU can run the named instruction set.");
+  m.def("has_openmp", &cpu::has_openmp, "Whether the CPU kernels were built with OpenMP (multi-threaded).");
   m.attr("CHANNEL_BLOCK") = kChannelBlock;
 }

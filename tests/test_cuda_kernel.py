@@ -253,8 +253,9 @@ def test_emulation_random_shapes(data):
                  for name, e in (("top", dh * (kh - 1)), ("bottom", dh * (kh - 1)),
                                  ("left", dw * (kw - 1)), ("right", dw * (kw - 1))))
     # Inputs at least as large as the padded kernel extent, so the output is never empty.
-    H = data.draw(st.integers(max(1, dh * (kh - 1) + 1 - pads[0] - pads[1]), 16), label="H")
-    W = data.draw(st.integers(max(1, dw * (kw - 1) + 1 - pads[2] - pads[3]), 16), label="W")
+    h_min = max(1, dh * (kh - 1) + 1 - pads[0] - pads[1])
+    w_min = max(1, dw * (kw - 1) + 1 - pads[2] - pads[3])
+    H, W = data.draw(st.integers(h_min, h_min + 12), label="H"), data.draw(st.integers(w_min, w_min + 12), label="W")
     case = Case(
         N=data.draw(st.integers(1, 3), label="N"), C=data.draw(st.integers(1, 70), label="C"), H=H, W=W,
         kernel=(kh, kw), stride=(sh, sw), dilation=(dh, dw), padding=pads,
@@ -374,8 +375,9 @@ def test_gpu_random_shapes(data):
     sh, sw = data.draw(st.sampled_from([1, 2]), label="sh"), data.draw(st.sampled_from([1, 2]), label="sw")
     dh, dw = data.draw(st.sampled_from([1, 2]), label="dh"), data.draw(st.sampled_from([1, 2]), label="dw")
     pads = tuple(data.draw(st.integers(0, e)) for e in (dh * (kh - 1), dh * (kh - 1), dw * (kw - 1), dw * (kw - 1)))
-    H = data.draw(st.integers(max(1, dh * (kh - 1) + 1 - pads[0] - pads[1]), 40), label="H")
-    W = data.draw(st.integers(max(1, dw * (kw - 1) + 1 - pads[2] - pads[3]), 40), label="W")
+    h_min = max(1, dh * (kh - 1) + 1 - pads[0] - pads[1])
+    w_min = max(1, dw * (kw - 1) + 1 - pads[2] - pads[3])
+    H, W = data.draw(st.integers(h_min, h_min + 40), label="H"), data.draw(st.integers(w_min, w_min + 40), label="W")
     case = Case(
         N=data.draw(st.integers(1, 4), label="N"), C=data.draw(st.integers(1, 200), label="C"), H=H, W=W,
         kernel=(kh, kw), stride=(sh, sw), dilation=(dh, dw), padding=pads,

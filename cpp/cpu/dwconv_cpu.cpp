@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "thread_pool.h"
+#include "parallel.h"
 
 namespace deprune {
 namespace cpu {

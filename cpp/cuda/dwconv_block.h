@@ -20,7 +20,8 @@
 
 #include "deprune/dwconv.h"
 
-#if defined(__CUDACC__)
+// Device pass only: the host compiler (g++ under nvcc, or for the emulation) would warn about an unknown pragma.
+#if defined(__CUDA_ARCH__)
 #define DEPRUNE_UNROLL _Pragma("unroll")
 #else
 #define DEPRUNE_UNROLL

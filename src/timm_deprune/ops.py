@@ -104,30 +104,41 @@ def _run(x: torch.Tensor, offsets: torch.Tensor, taps: torch.Tensor, values: tor
          block_offsets: torch.Tensor, block_taps: torch.Tensor, block_values: torch.Tensor,
          bias: Optional[torch.Tensor], kh: int, kw: int, stride: Sequence[int], padding: Sequence[int],
          dilation: Sequence[int], activation: int) -> torch.Tensor:
-    C = load_extension()
     layout = _layout(x)
     if layout == 0 and not x.is_contiguous():
         x = x.contiguous()
-    shape = _out_shape(x, kh, kw, stride, padding, dilation)
     fmt = torch.channels_last if layout else torch.contiguous_format
-    y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    y = torch.empty(_out_shape(x, kh, kw, stride, padding, dilation), dtype=x.dtype, device=x.device,
+                    memory_format=fmt)
+    _launch(x, y, offsets, taps, values, block_offsets, block_taps, block_values, bias, kh, kw, stride, padding,
+            dilation, activation)
+    return y
+
+
+def _launch(x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor, taps: torch.Tensor, values: torch.Tensor,
+            block_offsets: torch.Tensor, block_taps: torch.Tensor, block_values: torch.Tensor,
+            bias: Optional[torch.Tensor], kh: int, kw: int, stride: Sequence[int], padding: Sequence[int],
+            dilation: Sequence[int], activation: int) -> None:
+    """Run the native kernel writing into ``y`` (same layout as ``x``, both contiguous in it; validated)."""
+    C = load_extension()
+    layout = _layout(x)
     n, c, h, w = x.shape
+    oh, ow = y.shape[2], y.shape[3]
     bias_ptr = bias.data_ptr() if bias is not None else 0
     if x.device.type == "cpu":
         C.dwconv2d_cpu(
             x.data_ptr(), y.data_ptr(), offsets.data_ptr(), taps.data_ptr(), values.data_ptr(),
             block_offsets.data_ptr(), block_taps.data_ptr(), block_values.data_ptr(), bias_ptr,
-            n, c, h, w, shape[2], shape[3], kh, kw, stride[0], stride[1], dilation[0], dilation[1],
+            n, c, h, w, oh, ow, kh, kw, stride[0], stride[1], dilation[0], dilation[1],
             padding[0], padding[2], activation, layout, torch.get_num_threads(),
         )
     else:
         stream = torch.cuda.current_stream(x.device).cuda_stream
         C.dwconv2d_cuda(
             x.data_ptr(), y.data_ptr(), offsets.data_ptr(), taps.data_ptr(), values.data_ptr(), bias_ptr,
-            n, c, h, w, shape[2], shape[3], kh, kw, stride[0], stride[1], dilation[0], dilation[1],
+            n, c, h, w, oh, ow, kh, kw, stride[0], stride[1], dilation[0], dilation[1],
             padding[0], padding[2], activation, _DTYPE_CODES[x.dtype], layout, x.device.index or 0, stream,
         )
-    return y
 
 
 @torch.library.custom_op("deprune::sparse_dwconv2d", mutates_args=())

@@ -1,0 +1,202 @@
+#!/usr/bin/env python
+"""Benchmarks of timm-deprune (not timed tests): ``python scripts/benchmark.py dwconv`` / ``overhead``.
+
+dwconv: every depth-wise conv layer shape of mobilenetv2_100 and efficientnet_b0 at 224x224, batch 1 and 16, keep
+ratios 100/50/29% with balanced (BWT) masks; our sparse op vs PyTorch's dense depth-wise conv in NCHW and
+channels_last, side by side in one process, interleaved, medians over repeats.
+overhead: per-call cost of the registered custom op vs the direct eager path on a tiny layer.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from timm_deprune import build_plan, sparse_dwconv2d
+from timm_deprune._backend import load_extension
+from timm_deprune.ops import ACTIVATIONS, resolve_padding
+
+
+@dataclass(frozen=True)
+class DWLayer:
+    channels: int
+    height: int
+    width: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+
+def dw_layers(model_name: str, img_size: int = 224) -> list[DWLayer]:
+    """Depth-wise conv layers of a timm model, in execution order, with their input sizes."""
+    import timm  # only the benchmark needs timm
+
+    model = timm.create_model(model_name, pretrained=False).eval()
+    layers: list[DWLayer] = []
+
+    def hook(mod: torch.nn.Conv2d, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+        _, c, h, w = inputs[0].shape
+        pad = mod.padding if isinstance(mod.padding, tuple) else (0, 0)
+        layers.append(DWLayer(c, h, w, tuple(mod.kernel_size), tuple(mod.stride), tuple(pad), tuple(mod.dilation)))
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels == m.out_channels > 1:
+            m.register_forward_hook(hook)
+    with torch.no_grad():
+        model(torch.randn(1, 3, img_size, img_size))
+    return layers
+
+
+def balanced_mask(weight: torch.Tensor, keep: float, group: int = 32) -> torch.Tensor:
+    """BWT mask: within each group of ``group`` channels keep the same number of largest-|w| taps."""
+    c, _, kh, kw = weight.shape
+    mags = weight.detach().abs().reshape(c, kh * kw)
+    mask = torch.zeros(c, kh * kw, dtype=torch.bool)
+    for g0 in range(0, c, group):
+        block = mags[g0:g0 + group].reshape(-1)
+        k = int(round(keep * block.numel()))
+        if k:
+            mask[g0:g0 + group].view(-1)[block.topk(k).indices] = True
+    return mask.reshape(c, kh, kw)
+
+
+def _time(fn, inner: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t0) / inner
+
+
+def measure_bandwidth(nbytes: int = 256 << 20, repeats: int = 7) -> float:
+    """Copy bandwidth in GB/s (bytes read + written) with PyTorch's threads: the machine's practical roofline."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    times = [_time(lambda: dst.copy_(src), 1) for _ in range(repeats)]
+    return 2 * nbytes / statistics.median(times) / 1e9
+
+
+def bench_layer(layer: DWLayer, batch: int, keep: float, repeats: int) -> dict[str, float]:
+    c, h, w = layer.channels, layer.height, layer.width
+    weight = torch.randn(c, 1, *layer.kernel)
+    mask = balanced_mask(weight, keep)
+    plan = build_plan(weight, mask)
+    dense_w = weight * mask.unsqueeze(1)
+    x = torch.randn(batch, c, h, w)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    kwargs = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
+    variants = {
+        "dense_nchw": lambda: F.conv2d(x, dense_w, None, groups=c, **kwargs),
+        "dense_cl": lambda: F.conv2d(x_cl, dense_w, None, groups=c, **kwargs),
+        "ours_nchw": lambda: sparse_dwconv2d(x, plan, **kwargs),
+        "ours_cl": lambda: sparse_dwconv2d(x_cl, plan, **kwargs),
+    }
+    # Calls per timing sample: about 2 ms of work so timer resolution and noise stay small.
+    inner = {k: max(1, int(2e-3 / max(_time(fn, 2), 1e-7))) for k, fn in variants.items()}
+    samples: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(repeats):  # interleaved: every variant sees the same machine state
+        for k, fn in variants.items():
+            samples[k].append(_time(fn, inner[k]))
+    out = {k: statistics.median(v) for k, v in samples.items()}
+    oh = (h + 2 * layer.padding[0] - layer.dilation[0] * (layer.kernel[0] - 1) - 1) // layer.stride[0] + 1
+    ow = (w + 2 * layer.padding[1] - layer.dilation[1] * (layer.kernel[1] - 1) - 1) // layer.stride[1] + 1
+    out["bytes"] = 4.0 * batch * c * (h * w + oh * ow)
+    return out
+
+
+def run_dwconv(args: argparse.Namespace) -> None:
+    torch.set_grad_enabled(False)
+    bw = measure_bandwidth()
+    print(f"# {datetime.date.today()} | {platform.processor() or platform.machine()} | torch {torch.__version__} |"
+          f" threads {torch.get_num_threads()} | ISA {load_extension().cpu_isa()} | copy bandwidth {bw:.1f} GB/s")
+    rows = []
+    for model_name in args.models:
+        layers = dw_layers(model_name)
+        for batch in args.batch:
+            for keep in args.keep:
+                tot = dict.fromkeys(["dense_nchw", "dense_cl", "ours_nchw", "ours_cl", "bytes"], 0.0)
+                worst0 = float("inf")
+                for layer in layers:
+                    r = bench_layer(layer, batch, keep, args.repeats)
+                    for k in tot:
+                        tot[k] += r[k]
+                    best_dense = min(r["dense_nchw"], r["dense_cl"])
+                    ratio = best_dense / min(r["ours_nchw"], r["ours_cl"])
+                    worst0 = min(worst0, ratio)
+                    if args.per_layer:
+                        print(f"  {model_name} b{batch} keep {keep:.2f} C={layer.channels} {layer.height}x{layer.width}"
+                              f" k{layer.kernel[0]}x{layer.kernel[1]} s{layer.stride[0]}: dense nchw"
+                              f" {r['dense_nchw'] * 1e6:8.1f} us cl {r['dense_cl'] * 1e6:8.1f} us | ours nchw"
+                              f" {r['ours_nchw'] * 1e6:8.1f} us cl {r['ours_cl'] * 1e6:8.1f} us | x{ratio:.2f}")
+                rows.append((model_name, batch, keep, tot, worst0))
+                print(f"{model_name} b{batch} keep {keep:.2f} done", file=sys.stderr)
+    header = ("| model | batch | keep | dense NCHW ms | dense CL ms | ours NCHW ms | ours CL ms | speed-up vs best"
+              " dense | ideal 1/keep | worst layer | ours GB/s |")
+    print(header)
+    print("|" + "---|" * header.count("|")[:-1] if False else "|" + "|".join("---" for _ in range(11)) + "|")
+    for model_name, batch, keep, t, worst in rows:
+        best_dense = min(t["dense_nchw"], t["dense_cl"])
+        ours = min(t["ours_nchw"], t["ours_cl"])
+        print(f"| {model_name} | {batch} | {keep:.0%} | {t['dense_nchw'] * 1e3:.3f} | {t['dense_cl'] * 1e3:.3f} |"
+              f" {t['ours_nchw'] * 1e3:.3f} | {t['ours_cl'] * 1e3:.3f} | {best_dense / ours:.2f}x |"
+              f" {1 / keep:.2f}x | {worst:.2f}x | {t['bytes'] / ours / 1e9:.1f} |")
+    print(f"\nspeed-up = min(dense NCHW, dense CL) / min(ours NCHW, ours CL), summed over all DW layers; worst layer ="
+          f" smallest per-layer ratio; GB/s = (input + output bytes) / our time, vs copy bandwidth {bw:.1f} GB/s")
+
+
+def run_overhead(args: argparse.Namespace) -> None:
+    torch.set_grad_enabled(False)
+    c = 32
+    weight = torch.randn(c, 1, 3, 3)
+    plan = build_plan(weight, balanced_mask(weight, 0.29))
+    x = torch.randn(1, c, 7, 7)
+    pads = list(resolve_padding(1, (3, 3), (1, 1), (1, 1), (7, 7)))
+    op_args = (x, plan.offsets, plan.taps, plan.values, plan.block_offsets, plan.block_taps, plan.block_values, None,
+               3, 3, [1, 1], pads, [1, 1], ACTIVATIONS["identity"])
+    ext = load_extension()
+    variants = {
+        "raw _C call (no Python checks)": lambda: ext.dwconv2d_cpu(
+            x.data_ptr(), y.data_ptr(), plan.offsets.data_ptr(), plan.taps.data_ptr(), plan.values.data_ptr(),
+            plan.block_offsets.data_ptr(), plan.block_taps.data_ptr(), plan.block_values.data_ptr(), 0,
+            1, c, 7, 7, 7, 7, 3, 3, 1, 1, 1, 1, 1, 1, 0, 0, 1),
+        "sparse_dwconv2d (eager path)": lambda: sparse_dwconv2d(x, plan, padding=1),
+        "torch.ops.deprune.sparse_dwconv2d": lambda: torch.ops.deprune.sparse_dwconv2d(*op_args),
+        "F.conv2d dense (reference)": lambda: F.conv2d(x, weight, None, 1, 1, 1, c),
+    }
+    y = torch.empty(1, c, 7, 7)
+    samples = {k: [] for k in variants}
+    for _ in range(args.repeats):
+        for k, fn in variants.items():
+            samples[k].append(_time(fn, 2000))
+    print(f"# per-call time, batch 1, C={c}, 7x7, 3x3 kernel, keep 29% ({datetime.date.today()}, median of"
+          f" {args.repeats}x2000 calls)")
+    for k, v in samples.items():
+        print(f"{k:40s} {statistics.median(v) * 1e6:8.2f} us")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("dwconv", help="per-layer sparse DW conv vs PyTorch dense")
+    p.add_argument("--models", nargs="+", default=["mobilenetv2_100", "efficientnet_b0"])
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 16])
+    p.add_argument("--keep", nargs="+", type=float, default=[1.0, 0.5, 0.29])
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--per-layer", action="store_true", help="print every layer's timings")
+    p.set_defaults(fn=run_dwconv)
+    p = sub.add_parser("overhead", help="per-call overhead of the custom op vs the eager path")
+    p.add_argument("--repeats", type=int, default=11)
+    p.set_defaults(fn=run_overhead)
+    args = parser.parse_args()
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()
