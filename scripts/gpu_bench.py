@@ -242,7 +242,7 @@ def main() -> None:
           f"  mode={args.mode} iters={args.iters} repeats={args.repeats}  (ms per call, sums over each model's"
           " depth-wise layers; dense = F.conv2d groups=C; best = faster layout per layer)", flush=True)
     results = []
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: build_plan reads weight._version, which inference tensors lack
         for layer in layers:
             for batch in args.batches:
                 for dname in args.dtypes:

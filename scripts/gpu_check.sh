@@ -28,6 +28,8 @@ else
       die "pip could not install torch (no internet?): set PYTHON to an interpreter that has torch"
   fi
 fi
+PY="$(command -v "$PY")" || die "python not found: $PY"
+PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"  # absolute, for the check run from /tmp below
 say "python: $PY ($("$PY" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)'))"
 
 "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' ||
@@ -48,7 +50,8 @@ fi
 command -v nvcc >/dev/null || die "nvcc not found: install the CUDA toolkit or put its bin/ on PATH"
 export CUDACXX="${CUDACXX:-$(command -v nvcc)}"
 if [[ -z "${DEPRUNE_CUDA_ARCHITECTURES:-}" ]]; then
-  DEPRUNE_CUDA_ARCHITECTURES="$("$PY" -c 'import torch; a, b = torch.cuda.get_device_capability(); print(f"{a}{b}-real")')"
+  arch='import torch; major, minor = torch.cuda.get_device_capability(); print(f"{major}{minor}-real")'
+  DEPRUNE_CUDA_ARCHITECTURES="$("$PY" -c "$arch")"
   export DEPRUNE_CUDA_ARCHITECTURES
 fi
 say "building with $("$CUDACXX" --version | tail -1) for CUDA architectures $DEPRUNE_CUDA_ARCHITECTURES"

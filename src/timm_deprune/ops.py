@@ -156,7 +156,8 @@ def _sparse_dwconv2d_op(
 def _(x, offsets, taps, values, block_offsets, block_taps, block_values, bias, kh, kw, stride, padding, dilation,
       activation):
     fmt = torch.channels_last if _layout(x) else torch.contiguous_format
-    return x.new_empty(_out_shape(x, kh, kw, stride, padding, dilation), memory_format=fmt)
+    return torch.empty(_out_shape(x, kh, kw, stride, padding, dilation), dtype=x.dtype, device=x.device,
+                       memory_format=fmt)
 
 
 def _check_inputs(x: torch.Tensor, plan: SparseDWPlan, bias: Optional[torch.Tensor]) -> None:

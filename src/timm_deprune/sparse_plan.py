@@ -37,6 +37,11 @@ class SparseDWPlan:
     _weight_ref: Optional[weakref.ref] = field(default=None, repr=False)
     _weight_version: int = field(default=-1, repr=False)
 
+    def __repr__(self) -> str:
+        kh, kw = self.kernel_size
+        return (f"SparseDWPlan(channels={self.channels}, kernel={kh}x{kw}, nnz={self.nnz}, keep={self.keep_ratio:.3f},"
+                f" balanced={self.is_balanced}, device={self.device})")
+
     @property
     def device(self) -> torch.device:
         return self.values.device

@@ -1,0 +1,59 @@
+"""Shared helpers of the test suite: the float64 reference conv and random masks."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+REFERENCE_ACTIVATIONS = {
+    "identity": lambda t: t,
+    "relu": F.relu,
+    "relu6": F.relu6,
+    "silu": F.silu,
+    "hardswish": F.hardswish,
+    "gelu": F.gelu,
+}
+
+
+def reference_dwconv(x, weight, mask, bias, stride, pads, dilation, activation):
+    """float64 ground truth: F.conv2d on the masked weight; pads are (top, bottom, left, right)."""
+    wm = (weight.double() * mask.unsqueeze(1).double())
+    xp = F.pad(x.double(), (pads[2], pads[3], pads[0], pads[1]))
+    y = F.conv2d(xp, wm, None, stride, 0, dilation, groups=x.shape[1])
+    if bias is not None:
+        y = y + bias.double().view(1, -1, 1, 1)
+    return REFERENCE_ACTIVATIONS[activation](y)
+
+
+def assert_matches_reference(y: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-5) -> None:
+    """Max error relative to the reference's magnitude (floored at 1) below rtol; no NaN left anywhere."""
+    assert y.shape == ref.shape, f"shape {list(y.shape)} != reference {list(ref.shape)}"
+    assert not torch.isnan(y).any(), "output has NaN: some element was never written"
+    err = (y.double() - ref).abs().max().item()
+    scale = max(1.0, ref.abs().max().item())
+    assert err <= rtol * scale, f"max abs error {err:.3g} > {rtol} * {scale:.3g}"
+
+
+def random_mask(channels: int, kh: int, kw: int, keep: float, gen: torch.Generator) -> torch.Tensor:
+    return torch.rand(channels, kh, kw, generator=gen) < keep
+
+
+def balanced_mask(weight: torch.Tensor, keep: float, group: int = 32) -> torch.Tensor:
+    """Every 32-channel group keeps the same number of largest-|w| taps (BWT)."""
+    c, _, kh, kw = weight.shape
+    mags = weight.abs().reshape(c, kh * kw)
+    mask = torch.zeros(c, kh * kw, dtype=torch.bool)
+    for g0 in range(0, c, group):
+        block = mags[g0:g0 + group].reshape(-1)
+        k = int(round(keep * block.numel()))
+        if k:
+            mask[g0:g0 + group].view(-1)[block.topk(k).indices] = True
+    return mask.reshape(c, kh, kw)
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """A generator with a fresh random seed per test (printed on failure by pytest's captured output)."""
+    seed = int(torch.randint(0, 2**31 - 1, ()).item()) ^ int.from_bytes(__import__("os").urandom(4), "little")
+    print(f"seed={seed}")
+    return torch.Generator().manual_seed(seed)
