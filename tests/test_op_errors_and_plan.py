@@ -127,3 +127,11 @@ def test_plan_to_same_device_is_identity(plan):
 def test_device_mismatch_between_input_and_plan(plan):
     with torch.no_grad(), pytest.raises(ValueError, match=r"cuda.*plan is on cpu"):
         sparse_dwconv2d(X.cuda(), plan)
+
+
+def test_plan_from_inference_tensor():
+    with torch.inference_mode():
+        weight = torch.randn(8, 1, 3, 3)
+        plan = build_plan(weight, torch.rand(8, 3, 3) > 0.5)
+        y = sparse_dwconv2d(torch.randn(1, 8, 5, 5), plan, padding=1)
+    assert y.shape == (1, 8, 5, 5)

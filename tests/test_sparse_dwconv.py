@@ -168,3 +168,10 @@ def test_random_shapes_hypothesis(n, c, h, w, kh, kw, stride, dilation, keep, la
         return
     run_case(gen, n=n, c=c, h=h, w=w, kernel=(kh, kw), stride=stride, dilation=dilation, padding=padding,
              layout=layout, activation=activation, keep=keep)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_every_row_width_remainder(gen, isa, layout):
+    """Row widths 1..70 cover every split into 32-output chunks, 1-4 trailing vectors and partial vectors."""
+    for w in range(1, 71):
+        run_case(gen, n=1, c=3, h=3, w=w, stride=1 + w % 2, padding=1, layout=layout, activation="relu")

@@ -23,6 +23,20 @@ struct DWConvArgs {
   float* y;
 };
 
+// Zero-padded scratch plane of the NCHW kernel: `phases` (= stride_w) column phases of rows x cols floats,
+// wide enough that every output row can be computed in whole 8-float vectors.
+struct NchwScratch {
+  int64_t rows, cols, phases;
+  int64_t floats() const { return rows * cols * phases; }                  // the phase planes
+  int64_t row_floats() const { return (cols * phases + 15) / 16 * 16; }   // one padded input row after them
+  int64_t total_floats() const { return floats() + row_floats(); }
+};
+inline NchwScratch nchw_scratch_geometry(const DWConvShape& s) {
+  const int64_t padded_ow = (s.OW + 7) / 8 * 8;
+  return NchwScratch{(s.OH - 1) * s.stride_h + (s.kh - 1) * static_cast<int64_t>(s.dil_h) + 1,
+                     padded_ow + (s.kw - 1) * static_cast<int64_t>(s.dil_w) / s.stride_w, s.stride_w};
+}
+
 // Runs the call with up to `num_threads` threads (the caller's thread included).
 void sparse_dwconv2d(const DWConvArgs& args, int num_threads);
 

@@ -84,7 +84,7 @@ class SparseDWPlan:
                 f"SparseDWPlan was built for a depth-wise weight of shape {list(self.weight_shape)}, but that weight"
                 f" now has shape {list(weight.shape)}; rebuild the plan with build_plan(weight, mask)"
             )
-        if weight._version != self._weight_version:
+        if self._weight_version >= 0 and not weight.is_inference() and weight._version != self._weight_version:
             raise ValueError(
                 "SparseDWPlan is stale: its weight was modified in place after the plan was built (version"
                 f" {self._weight_version} -> {weight._version}); rebuild the plan with build_plan(weight, mask)"
@@ -160,5 +160,6 @@ def build_plan(weight: torch.Tensor, mask: torch.Tensor, group_size: int = GROUP
         group_size=group_size,
         weight_shape=tuple(weight.shape),
         _weight_ref=weakref.ref(weight),
-        _weight_version=weight._version,
+        # Inference tensors carry no version counter: only their shape can be checked.
+        _weight_version=-1 if weight.is_inference() else weight._version,
     )
