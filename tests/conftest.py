@@ -19,19 +19,24 @@ def reference_dwconv(x, weight, mask, bias, stride, pads, dilation, activation):
     """float64 ground truth: F.conv2d on the masked weight; pads are (top, bottom, left, right)."""
     wm = (weight.double() * mask.unsqueeze(1).double())
     xp = F.pad(x.double(), (pads[2], pads[3], pads[0], pads[1]))
-    y = F.conv2d(xp, wm, None, stride, 0, dilation, groups=x.shape[1])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small float64 convs: extra threads only stall when the machine is busy
+    try:
+        y = F.conv2d(xp, wm, None, stride, 0, dilation, groups=x.shape[1])
+    finally:
+        torch.set_num_threads(threads)
     if bias is not None:
         y = y + bias.double().view(1, -1, 1, 1)
     return REFERENCE_ACTIVATIONS[activation](y)
 
 
-def assert_matches_reference(y: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-5) -> None:
+def assert_matches_reference(y: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-5, info: str = "") -> None:
     """Max error relative to the reference's magnitude (floored at 1) below rtol; no NaN left anywhere."""
-    assert y.shape == ref.shape, f"shape {list(y.shape)} != reference {list(ref.shape)}"
-    assert not torch.isnan(y).any(), "output has NaN: some element was never written"
+    assert y.shape == ref.shape, f"shape {list(y.shape)} != reference {list(ref.shape)} {info}"
+    assert not torch.isnan(y).any(), f"output has NaN: some element was never written {info}"
     err = (y.double() - ref).abs().max().item()
     scale = max(1.0, ref.abs().max().item())
-    assert err <= rtol * scale, f"max abs error {err:.3g} > {rtol} * {scale:.3g}"
+    assert err <= rtol * scale, f"max abs error {err:.3g} > {rtol} * {scale:.3g} {info}"
 
 
 def random_mask(channels: int, kh: int, kw: int, keep: float, gen: torch.Generator) -> torch.Tensor:

@@ -13,13 +13,13 @@ from typing import Optional
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import assert_matches_reference, reference_dwconv
 from timm_deprune import sparse_dwconv2d
 from timm_deprune._backend import load_extension
-from timm_deprune.ops import ACTIVATIONS, output_size
+from timm_deprune.ops import ACTIVATIONS, output_size, resolve_padding
 from timm_deprune.sparse_plan import GROUP_SIZE, build_plan
 
 _C = load_extension()
@@ -77,39 +77,6 @@ def make_mask(gen: torch.Generator, weight: torch.Tensor, kind: str, keep: float
     raise ValueError(f"unknown mask kind {kind!r}")
 
 
-def reference(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: Optional[torch.Tensor],
-              stride: tuple[int, int], dilation: tuple[int, int], pads: tuple[int, int, int, int],
-              act: str) -> torch.Tensor:
-    """float64 masked depth-wise conv; ``pads`` is (top, bottom, left, right)."""
-    top, bottom, left, right = pads
-    xp = F.pad(x.double(), (left, right, top, bottom))
-    w = weight.double() * mask[:, None].double()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convs: worker threads only add stalls when the machine is busy
-    try:
-        y = F.conv2d(xp, w, bias.double() if bias is not None else None, stride, 0, dilation, groups=x.shape[1])
-    finally:
-        torch.set_num_threads(threads)
-    if act == "relu":
-        return F.relu(y)
-    if act == "relu6":
-        return y.clamp(0.0, 6.0)
-    if act == "silu":
-        return F.silu(y)
-    if act == "hardswish":
-        return F.hardswish(y)
-    if act == "gelu":
-        return F.gelu(y)
-    return y
-
-
-def assert_close(y: torch.Tensor, ref: torch.Tensor, rel: float, info: str) -> None:
-    assert not torch.isnan(y).any(), f"output has NaN (an output the grid never wrote?): {info}"
-    err = (y.double() - ref).abs().max().item()
-    scale = max(1.0, ref.abs().max().item())
-    assert err <= rel * scale, f"max |y - ref| = {err:.3g} > {rel:g} * {scale:.3g}: {info}"
-
-
 @dataclass
 class Case:
     N: int = 2
@@ -133,9 +100,7 @@ class Case:
         if self.padding == "valid":
             return 0, 0, 0, 0
         if self.padding == "same":  # TF SAME, asymmetric for even extents / stride 2
-            th = max((-(-self.H // sh) - 1) * sh + (kh - 1) * dh + 1 - self.H, 0)
-            tw = max((-(-self.W // sw) - 1) * sw + (kw - 1) * dw + 1 - self.W, 0)
-            return th // 2, th - th // 2, tw // 2, tw - tw // 2
+            return resolve_padding("same", self.kernel, self.stride, self.dilation, (self.H, self.W))
         return tuple(self.padding)
 
     def make(self, gen: torch.Generator):
@@ -151,7 +116,7 @@ def run_emulation(case: Case, gen: torch.Generator, seed: int) -> None:
     x, weight, mask, bias = case.make(gen)
     plan = build_plan(weight, mask)
     pads = case.pads()
-    ref = reference(x, weight, mask, bias, case.stride, case.dilation, pads, case.act)
+    ref = reference_dwconv(x, weight, mask, bias, case.stride, pads, case.dilation, case.act)
     (kh, kw), (sh, sw), (dh, dw) = case.kernel, case.stride, case.dilation
     oh = output_size(case.H, kh, sh, dh, pads[0], pads[1])
     ow = output_size(case.W, kw, sw, dw, pads[2], pads[3])
@@ -164,7 +129,7 @@ def run_emulation(case: Case, gen: torch.Generator, seed: int) -> None:
         bias.data_ptr() if bias is not None else 0, case.N, case.C, case.H, case.W, oh, ow, kh, kw, sh, sw, dh, dw,
         pads[0], pads[2], ACTIVATIONS[case.act], int(case.channels_last),
     )
-    assert_close(y, ref, 1e-5, f"{case} seed={seed}")
+    assert_matches_reference(y, ref, 1e-5, f"{case} seed={seed}")
 
 
 # --- emulation of the CUDA grid on the CPU (always run) -------------------------------------------------------------
@@ -302,7 +267,7 @@ def run_gpu(case: Case, dtype: torch.dtype, seed: int) -> None:
     x, weight, mask, bias = case.make(gen)
     x = x.to(dtype)  # the reference sees the same rounded input
     pads = case.pads()
-    ref = reference(x, weight, mask, bias, case.stride, case.dilation, pads, case.act)
+    ref = reference_dwconv(x, weight, mask, bias, case.stride, pads, case.dilation, case.act)
     fmt = torch.channels_last if case.channels_last else torch.contiguous_format
     plan = build_plan(weight.cuda(), mask.cuda())
     bias = bias.cuda() if bias is not None else None
@@ -312,7 +277,7 @@ def run_gpu(case: Case, dtype: torch.dtype, seed: int) -> None:
     assert y.dtype == dtype
     assert y.is_contiguous(memory_format=fmt)
     rel = 1e-5 if dtype == torch.float32 else 1e-2
-    assert_close(y.cpu(), ref, rel, f"{case} dtype={dtype} seed={seed}")
+    assert_matches_reference(y.cpu(), ref, rel, f"{case} dtype={dtype} seed={seed}")
 
 
 @pytest.mark.gpu
@@ -362,8 +327,8 @@ def test_gpu_runs_on_the_current_stream(channels_last, seed):
         xd.copy_(new_d)
         y = sparse_dwconv2d(xd, plan, bias_d, padding=1)
     torch.cuda.synchronize()
-    ref = reference(new, weight, mask, bias, (1, 1), (1, 1), case.pads(), "identity")
-    assert_close(y.cpu(), ref, 1e-5, f"{case} seed={seed}")
+    ref = reference_dwconv(new, weight, mask, bias, (1, 1), case.pads(), (1, 1), "identity")
+    assert_matches_reference(y.cpu(), ref, 1e-5, f"{case} seed={seed}")
 
 
 @pytest.mark.gpu
