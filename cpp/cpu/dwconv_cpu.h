@@ -23,18 +23,27 @@ struct DWConvArgs {
   float* y;
 };
 
-// Zero-padded scratch plane of the NCHW kernel: `phases` (= stride_w) column phases of rows x cols floats,
-// wide enough that every output row can be computed in whole 8-float vectors.
+// Scratch of the NCHW kernel for one plane: the zero-padded input split into stride_h x stride_w phase planes
+// that share one row pitch `cols`, so output (oy, ox) and kept tap (dy, dx) read phase (dy % sh, dx % sw) at
+// flat index (oy + dy / sh) * cols + ox + dx / sw: every tap is one contiguous offset and the plane is
+// computed as a flat 1-D convolution over OH * cols outputs (the cols - OW extra per row are discarded).
 struct NchwScratch {
-  int64_t rows, cols, phases;
-  int64_t floats() const { return rows * cols * phases; }                  // the phase planes
-  int64_t row_floats() const { return (cols * phases + 15) / 16 * 16; }   // one padded input row after them
-  int64_t total_floats() const { return floats() + row_floats(); }
+  int64_t rows, cols, phases;  // rows and cols of each phase plane; phases = stride_h * stride_w
+  int64_t phase_floats() const { return rows * cols + 32; }     // + slack for the last vector's reads
+  int64_t flat_outputs() const { return (rows_out * cols + 31) / 32 * 32; }
+  int64_t row_floats() const { return (cols * stride_w + 15) / 16 * 16; }  // one padded input row
+  int64_t total_floats() const { return phases * phase_floats() + flat_outputs() + row_floats(); }
+  int64_t rows_out, stride_w;
 };
 inline NchwScratch nchw_scratch_geometry(const DWConvShape& s) {
-  const int64_t padded_ow = (s.OW + 7) / 8 * 8;
-  return NchwScratch{(s.OH - 1) * s.stride_h + (s.kh - 1) * static_cast<int64_t>(s.dil_h) + 1,
-                     padded_ow + (s.kw - 1) * static_cast<int64_t>(s.dil_w) / s.stride_w, s.stride_w};
+  const int64_t dy_max = (s.kh - 1) * static_cast<int64_t>(s.dil_h), dx_max = (s.kw - 1) * static_cast<int64_t>(s.dil_w);
+  NchwScratch g{};
+  g.rows = s.OH + dy_max / s.stride_h;
+  g.cols = s.OW + dx_max / s.stride_w;
+  g.phases = static_cast<int64_t>(s.stride_h) * s.stride_w;
+  g.rows_out = s.OH;
+  g.stride_w = s.stride_w;
+  return g;
 }
 
 // Runs the call with up to `num_threads` threads (the caller's thread included).
