@@ -175,3 +175,23 @@ def test_every_row_width_remainder(gen, isa, layout):
     """Row widths 1..70 cover every split into 32-output chunks, 1-4 trailing vectors and partial vectors."""
     for w in range(1, 71):
         run_case(gen, n=1, c=3, h=3, w=w, stride=1 + w % 2, padding=1, layout=layout, activation="relu")
+
+
+def test_repeated_calls_reuse_the_validated_geometry(gen):
+    """The eager fast path (cached per input geometry) gives the same results as the first, validated call."""
+    weight = torch.randn(24, 1, 5, 5, generator=gen)
+    mask = random_mask(24, 5, 5, 0.4, gen)
+    plan = build_plan(weight, mask)
+    bias = torch.randn(24, generator=gen)
+    for _ in range(3):
+        for layout in ("nchw", "cl"):
+            x = torch.randn(2, 24, 13, 17, generator=gen)
+            if layout == "cl":
+                x = x.contiguous(memory_format=torch.channels_last)
+            for b in (bias, None, bias.double()):
+                with torch.no_grad():
+                    y = sparse_dwconv2d(x, plan, b, "silu", 2, "same")
+                pads = resolve_padding("same", (5, 5), (2, 2), (1, 1), (13, 17))
+                assert_matches_reference(y, reference_dwconv(x, weight, mask, b, (2, 2), pads, (1, 1), "silu"))
+    with torch.no_grad(), pytest.raises(ValueError, match="channels"):
+        sparse_dwconv2d(torch.randn(2, 23, 13, 17), plan, bias, "silu", 2, "same")

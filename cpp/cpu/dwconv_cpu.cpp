@@ -98,7 +98,7 @@ void sparse_dwconv2d(const DWConvArgs& a, int num_threads) {
   const int64_t work = (nnz + s.C) * s.N * s.OH * s.OW;
   int64_t threads = std::min<int64_t>({num_threads, units, std::max<int64_t>(1, work / kMinWorkPerThread)});
   // Several tasks per thread so an uneven split (unbalanced masks, border rows) evens out.
-  const int64_t tasks = threads > 1 ? std::min<int64_t>(units, threads * 8) : 1;
+  const int64_t tasks = threads > 1 ? std::min<int64_t>(units, threads * 4) : 1;
   const int64_t scratch_floats = nhwc ? 0 : nchw_scratch_geometry(s).total_floats();
   RangeKernel fn = nhwc ? k.nhwc : k.nchw;
   parallel_for(static_cast<int>(tasks), static_cast<int>(threads), [&](int t) {

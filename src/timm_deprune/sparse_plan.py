@@ -36,6 +36,8 @@ class SparseDWPlan:
     weight_shape: tuple[int, ...] = ()
     _weight_ref: Optional[weakref.ref] = field(default=None, repr=False)
     _weight_version: int = field(default=-1, repr=False)
+    # Eager fast path: validated call per input geometry (ops.sparse_dwconv2d); never shared between plans.
+    _calls: dict = field(default_factory=dict, repr=False)
 
     def __repr__(self) -> str:
         kh, kw = self.kernel_size
@@ -70,7 +72,7 @@ class SparseDWPlan:
             name: getattr(self, name).to(device)
             for name in ("offsets", "taps", "values", "block_offsets", "block_taps", "block_values")
         }
-        return replace(self, **move)
+        return replace(self, _calls={}, **move)
 
     def check_weight(self) -> None:
         """Raise when the weight this plan was built from changed shape or was modified in place since."""
