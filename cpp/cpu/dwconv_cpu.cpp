@@ -70,6 +70,8 @@ const IsaKernels& current() {
 
 // Below this many multiply-adds a call runs on one thread: waking a worker costs more than it saves.
 constexpr int64_t kMinWorkPerThread = 48 * 1024;
+// Output size above which the NCHW kernel uses non-temporal stores.
+constexpr int64_t kStreamBytes = 8 << 20;
 
 }  // namespace
 
@@ -101,11 +103,14 @@ void sparse_dwconv2d(const DWConvArgs& a, int num_threads) {
   const int64_t tasks = threads > 1 ? std::min<int64_t>(units, threads * 4) : 1;
   const int64_t scratch_floats = nhwc ? 0 : nchw_scratch_geometry(s).total_floats();
   RangeKernel fn = nhwc ? k.nhwc : k.nchw;
+  DWConvArgs args = a;
+  // Outputs far beyond the caches go straight to memory: saves the read-for-ownership of every output line.
+  args.stream_output = !nhwc && s.N * s.C * s.OH * s.OW * static_cast<int64_t>(sizeof(float)) > kStreamBytes;
   parallel_for(static_cast<int>(tasks), static_cast<int>(threads), [&](int t) {
     thread_local std::vector<float> scratch;
     if (static_cast<int64_t>(scratch.size()) < scratch_floats) scratch.resize(scratch_floats);
     const int64_t begin = units * t / tasks, end = units * (t + 1) / tasks;
-    fn(a, begin, end, scratch.data());
+    fn(args, begin, end, scratch.data());
   });
 }
 

@@ -21,6 +21,8 @@ struct DWConvArgs {
   Layout layout;
   const float* x;
   float* y;
+  // Write the output with non-temporal stores (set by the dispatcher when it is too large to stay in cache).
+  bool stream_output = false;
 };
 
 // Scratch of the NCHW kernel for one plane: the zero-padded input split into stride_h x stride_w phase planes
