@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from timm_deprune import build_plan, sparse_dwconv2d
+from timm_deprune._masks import balanced_magnitude_mask
 from timm_deprune._backend import load_extension
 from timm_deprune.ops import ACTIVATIONS, resolve_padding
 
@@ -55,19 +56,6 @@ def dw_layers(model_name: str, img_size: int = 224) -> list[DWLayer]:
     return layers
 
 
-def balanced_mask(weight: torch.Tensor, keep: float, group: int = 32) -> torch.Tensor:
-    """BWT mask: within each group of ``group`` channels keep the same number of largest-|w| taps."""
-    c, _, kh, kw = weight.shape
-    mags = weight.detach().abs().reshape(c, kh * kw)
-    mask = torch.zeros(c, kh * kw, dtype=torch.bool)
-    for g0 in range(0, c, group):
-        block = mags[g0:g0 + group].reshape(-1)
-        k = int(round(keep * block.numel()))
-        if k:
-            mask[g0:g0 + group].view(-1)[block.topk(k).indices] = True
-    return mask.reshape(c, kh, kw)
-
-
 def _time(fn, inner: int) -> float:
     t0 = time.perf_counter()
     for _ in range(inner):
@@ -86,7 +74,7 @@ def measure_bandwidth(nbytes: int = 256 << 20, repeats: int = 7) -> float:
 def bench_layer(layer: DWLayer, batch: int, keep: float, repeats: int) -> dict[str, float]:
     c, h, w = layer.channels, layer.height, layer.width
     weight = torch.randn(c, 1, *layer.kernel)
-    mask = balanced_mask(weight, keep)
+    mask = balanced_magnitude_mask(weight, keep)
     plan = build_plan(weight, mask)
     dense_w = weight * mask.unsqueeze(1)
     x = torch.randn(batch, c, h, w)
@@ -155,7 +143,7 @@ def run_overhead(args: argparse.Namespace) -> None:
     torch.set_grad_enabled(False)
     c = 32
     weight = torch.randn(c, 1, 3, 3)
-    plan = build_plan(weight, balanced_mask(weight, 0.29))
+    plan = build_plan(weight, balanced_magnitude_mask(weight, 0.29))
     x = torch.randn(1, c, 7, 7)
     pads = list(resolve_padding(1, (3, 3), (1, 1), (1, 1), (7, 7)))
     op_args = (x, plan.offsets, plan.taps, plan.values, plan.block_offsets, plan.block_taps, plan.block_values, None,

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from timm_deprune import build_plan, sparse_dwconv2d
+from timm_deprune._masks import balanced_magnitude_mask
 from timm_deprune.ops import output_size, resolve_padding
 
-GROUP = 32
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 LAYOUTS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
 
@@ -92,19 +92,6 @@ def timm_layers(model: str, size: int = 224) -> list[Layer]:
     return found
 
 
-def balanced_mask(weight: torch.Tensor, keep: float) -> torch.Tensor:
-    """BWT mask: each 32-channel group keeps round(keep * group taps) of its largest |w| (a partial group pro rata)."""
-    C, _, kh, kw = weight.shape
-    scores = weight.detach().abs().reshape(C, kh * kw)
-    mask = torch.zeros(C, kh * kw, dtype=torch.bool, device=weight.device)
-    for g0 in range(0, C, GROUP):
-        block = scores[g0:g0 + GROUP].reshape(-1)
-        kept = torch.zeros_like(block, dtype=torch.bool)
-        kept[torch.topk(block, round(keep * block.numel())).indices] = True
-        mask[g0:g0 + GROUP] = kept.reshape(-1, kh * kw)
-    return mask.reshape(C, kh, kw)
-
-
 def as_runner(fn: Callable[[], object], iters: int, mode: str) -> Callable[[], None]:
     """A callable that runs `fn` `iters` times: a CUDA graph replay, or a plain loop in eager mode."""
     side = torch.cuda.Stream()
@@ -157,7 +144,7 @@ def bench_layer(layer: Layer, batch: int, dtype: torch.dtype, keeps: list[float]
     weight = torch.randn(layer.C, 1, kh, kw, device="cuda")
     x32 = torch.randn(batch, layer.C, layer.H, layer.W, device="cuda")
     top, bottom, left, right = layer.pads
-    plans = {keep: (build_plan(weight, m), m) for keep in keeps for m in [balanced_mask(weight, keep)]}
+    plans = {keep: (build_plan(weight, m), m) for keep in keeps for m in [balanced_magnitude_mask(weight, keep)]}
     names, fns = [], []
     for lname, fmt in LAYOUTS.items():
         x = x32.to(dtype).contiguous(memory_format=fmt)

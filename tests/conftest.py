@@ -43,19 +43,6 @@ def random_mask(channels: int, kh: int, kw: int, keep: float, gen: torch.Generat
     return torch.rand(channels, kh, kw, generator=gen) < keep
 
 
-def balanced_mask(weight: torch.Tensor, keep: float, group: int = 32) -> torch.Tensor:
-    """Every 32-channel group keeps the same number of largest-|w| taps (BWT)."""
-    c, _, kh, kw = weight.shape
-    mags = weight.abs().reshape(c, kh * kw)
-    mask = torch.zeros(c, kh * kw, dtype=torch.bool)
-    for g0 in range(0, c, group):
-        block = mags[g0:g0 + group].reshape(-1)
-        k = int(round(keep * block.numel()))
-        if k:
-            mask[g0:g0 + group].view(-1)[block.topk(k).indices] = True
-    return mask.reshape(c, kh, kw)
-
-
 @pytest.fixture
 def gen() -> torch.Generator:
     """A generator with a fresh random seed per test (printed on failure by pytest's captured output)."""

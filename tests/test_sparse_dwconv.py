@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_matches_reference, balanced_mask, random_mask, reference_dwconv
+from conftest import assert_matches_reference, random_mask, reference_dwconv
+from timm_deprune._masks import balanced_magnitude_mask
 from timm_deprune import build_plan, sparse_dwconv2d
 from timm_deprune._backend import load_extension
 from timm_deprune.ops import ACTIVATIONS, _launch, output_size, resolve_padding
@@ -101,7 +102,7 @@ def test_all_pruned_and_all_kept_channels(gen, isa, channels, layout):
 @pytest.mark.parametrize("keep", [1.0, 0.5, 0.29, 0.0])
 def test_balanced_and_unbalanced_masks(gen, isa, keep, layout):
     weight = torch.randn(80, 1, 3, 3, generator=gen)
-    bal = balanced_mask(weight, keep)
+    bal = balanced_magnitude_mask(weight, keep)
     plan = build_plan(weight, bal)
     assert plan.is_balanced
     assert len(set(plan.group_nnz[:2])) == 1 and plan.group_nnz[0] == round(keep * 288)

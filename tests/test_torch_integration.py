@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import balanced_mask
+from timm_deprune._masks import balanced_magnitude_mask
 from timm_deprune import build_plan, sparse_dwconv2d
 from timm_deprune.ops import ACTIVATIONS
 
@@ -16,7 +16,7 @@ class SparseDW(torch.nn.Module):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.randn(channels, 1, 3, 3), requires_grad=False)
         self.bias = torch.nn.Parameter(torch.randn(channels), requires_grad=False)
-        self.plan = build_plan(self.weight, balanced_mask(self.weight.data, 0.29))
+        self.plan = build_plan(self.weight, balanced_magnitude_mask(self.weight.data, 0.29))
         self.stride, self.padding, self.activation = stride, padding, activation
 
     def forward(self, x):

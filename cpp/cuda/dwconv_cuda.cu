@@ -98,7 +98,14 @@ int device_count() {
 void sparse_dwconv2d(const DWConvShape& shape, const SparseTaps& taps, const float* bias, Activation act,
                      DType dtype, Layout layout, const void* x, void* y, int device, std::uintptr_t stream) {
   const KernelParams p = make_params(shape, taps, bias, act, layout, x, y);
+  // Launch on the input's device, then restore the caller's current device (torch tracks its own).
+  int previous = 0;
+  check(cudaGetDevice(&previous), "cudaGetDevice");
   check(cudaSetDevice(device), ("cudaSetDevice(" + std::to_string(device) + ")").c_str());
+  struct Restore {
+    int dev;
+    ~Restore() { cudaSetDevice(dev); }
+  } restore{previous};
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   switch (dtype) {
     case DType::Float32: launch_layout<IOFloat>(p, layout, s); break;
