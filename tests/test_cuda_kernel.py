@@ -242,7 +242,7 @@ def test_cuda_entry_point_raises_without_a_device():
     # Without CUDA kernels (or with them but no usable device) the call raises; it must never crash.
     x = torch.zeros(1, 1, 3, 3)
     plan = build_plan(torch.ones(1, 1, 3, 3), torch.ones(1, 3, 3, dtype=torch.bool))
-    expected = "cudaSetDevice" if _C.cuda_compiled() else "built without CUDA kernels"
+    expected = r"cuda(Get|Set)Device.*failed" if _C.cuda_compiled() else "built without CUDA kernels"
     with pytest.raises(RuntimeError, match=expected):
         _C.dwconv2d_cuda(x.data_ptr(), x.data_ptr(), plan.offsets.data_ptr(), plan.taps.data_ptr(),
                          plan.values.data_ptr(), 0, 1, 1, 3, 3, 1, 1, 3, 3, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0)
