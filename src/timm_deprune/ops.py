@@ -104,15 +104,11 @@ def _run(x: torch.Tensor, offsets: torch.Tensor, taps: torch.Tensor, values: tor
          block_offsets: torch.Tensor, block_taps: torch.Tensor, block_values: torch.Tensor,
          bias: Optional[torch.Tensor], kh: int, kw: int, stride: Sequence[int], padding: Sequence[int],
          dilation: Sequence[int], activation: int) -> torch.Tensor:
-    layout = _layout(x)
-    if layout == 0 and not x.is_contiguous():
+    if _layout(x) == 0 and not x.is_contiguous():
         x = x.contiguous()
-    fmt = torch.channels_last if layout else torch.contiguous_format
-    y = torch.empty(_out_shape(x, kh, kw, stride, padding, dilation), dtype=x.dtype, device=x.device,
-                    memory_format=fmt)
-    _launch(x, y, offsets, taps, values, block_offsets, block_taps, block_values, bias, kh, kw, stride, padding,
-            dilation, activation)
-    return y
+    call = _make_call(x, (offsets, taps, values, block_offsets, block_taps, block_values), kh, kw, stride, padding,
+                      dilation, activation)
+    return call(x, bias)
 
 
 def _launch(x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor, taps: torch.Tensor, values: torch.Tensor,
@@ -120,25 +116,9 @@ def _launch(x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor, taps: torch
             bias: Optional[torch.Tensor], kh: int, kw: int, stride: Sequence[int], padding: Sequence[int],
             dilation: Sequence[int], activation: int) -> None:
     """Run the native kernel writing into ``y`` (same layout as ``x``, both contiguous in it; validated)."""
-    C = load_extension()
-    layout = _layout(x)
-    n, c, h, w = x.shape
-    oh, ow = y.shape[2], y.shape[3]
-    bias_ptr = bias.data_ptr() if bias is not None else 0
-    if x.device.type == "cpu":
-        C.dwconv2d_cpu(
-            x.data_ptr(), y.data_ptr(), offsets.data_ptr(), taps.data_ptr(), values.data_ptr(),
-            block_offsets.data_ptr(), block_taps.data_ptr(), block_values.data_ptr(), bias_ptr,
-            n, c, h, w, oh, ow, kh, kw, stride[0], stride[1], dilation[0], dilation[1],
-            padding[0], padding[2], activation, layout, torch.get_num_threads(),
-        )
-    else:
-        stream = torch.cuda.current_stream(x.device).cuda_stream
-        C.dwconv2d_cuda(
-            x.data_ptr(), y.data_ptr(), offsets.data_ptr(), taps.data_ptr(), values.data_ptr(), bias_ptr,
-            n, c, h, w, oh, ow, kh, kw, stride[0], stride[1], dilation[0], dilation[1],
-            padding[0], padding[2], activation, _DTYPE_CODES[x.dtype], layout, x.device.index or 0, stream,
-        )
+    call = _make_call(x, (offsets, taps, values, block_offsets, block_taps, block_values), kh, kw, stride, padding,
+                      dilation, activation)
+    call(x, bias, y)
 
 
 @torch.library.custom_op("deprune::sparse_dwconv2d", mutates_args=())
@@ -254,7 +234,8 @@ def sparse_dwconv2d(
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
         if len(plan._calls) >= 64:  # bounded: a plan sees a handful of input sizes in practice
             plan._calls.clear()
-        plan._calls[key] = call = _make_call(plan, x, kh, kw, stride2, pads, dilation2, ACTIVATIONS[activation])
+        tensors = (plan.offsets, plan.taps, plan.values, plan.block_offsets, plan.block_taps, plan.block_values)
+        plan._calls[key] = call = _make_call(x, tensors, kh, kw, stride2, pads, dilation2, ACTIVATIONS[activation])
         return call(x, bias)
     return _run(*args)
 
@@ -270,9 +251,13 @@ def _bias_ready(bias: Optional[torch.Tensor], x: torch.Tensor) -> bool:
     )
 
 
-def _make_call(plan: SparseDWPlan, x: torch.Tensor, kh: int, kw: int, stride: tuple[int, int],
-               pads: tuple[int, int, int, int], dilation: tuple[int, int], act: int):
-    """Eager fast path for one validated input geometry: everything but the data pointers precomputed."""
+def _make_call(x: torch.Tensor, plan_tensors: Sequence[torch.Tensor], kh: int, kw: int, stride: Sequence[int],
+               pads: Sequence[int], dilation: Sequence[int], act: int):
+    """The native launch for one validated input geometry, everything but the data pointers precomputed.
+
+    ``plan_tensors`` = (offsets, taps, values, block_offsets, block_taps, block_values). The returned
+    ``call(x, bias, out=None)`` writes into ``out`` (same layout as ``x``) or a new tensor, and returns it.
+    """
     ext = load_extension()
     layout = _layout(x)
     fmt = torch.channels_last if layout else torch.contiguous_format
@@ -280,21 +265,20 @@ def _make_call(plan: SparseDWPlan, x: torch.Tensor, kh: int, kw: int, stride: tu
     geom = (*x.shape, shape[2], shape[3], kh, kw, stride[0], stride[1], dilation[0], dilation[1], pads[0], pads[2],
             act)
     if x.device.type == "cpu":
-        head = (plan.offsets.data_ptr(), plan.taps.data_ptr(), plan.values.data_ptr(), plan.block_offsets.data_ptr(),
-                plan.block_taps.data_ptr(), plan.block_values.data_ptr())
+        head = tuple(t.data_ptr() for t in plan_tensors)
         fn, tail = ext.dwconv2d_cpu, geom + (layout,)
 
-        def call(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-            y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+        def call(x: torch.Tensor, bias: Optional[torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+            y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt) if out is None else out
             fn(x.data_ptr(), y.data_ptr(), *head, bias.data_ptr() if bias is not None else 0, *tail,
                torch.get_num_threads())
             return y
     else:
-        head = (plan.offsets.data_ptr(), plan.taps.data_ptr(), plan.values.data_ptr())
+        head = tuple(t.data_ptr() for t in plan_tensors[:3])  # the CUDA kernel reads the per-channel CSR only
         fn, tail = ext.dwconv2d_cuda, geom + (_DTYPE_CODES[x.dtype], layout, x.device.index or 0)
 
-        def call(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-            y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+        def call(x: torch.Tensor, bias: Optional[torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+            y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt) if out is None else out
             fn(x.data_ptr(), y.data_ptr(), *head, bias.data_ptr() if bias is not None else 0, *tail,
                torch.cuda.current_stream(x.device).cuda_stream)
             return y
