@@ -2,7 +2,12 @@
 from importlib import metadata as _metadata
 
 from ._backend import backend_available
+from .config import DepruneConfig
+from .layers import MaskedConv2d, MaskedConv2dSame, fold_batchnorm, masked_convs, set_execution, to_masked
 from .ops import sparse_dwconv2d
+from .plan import PrunePlan, apply_plan
+from .prune import PruneResult, UnsupportedModelError, prune
+from .report import PruneReport
 from .sparse_plan import SparseDWPlan, build_plan
 
 try:
@@ -10,4 +15,8 @@ try:
 except _metadata.PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["SparseDWPlan", "build_plan", "sparse_dwconv2d", "backend_available", "__version__"]
+__all__ = [
+    "prune", "DepruneConfig", "PruneResult", "PrunePlan", "PruneReport", "apply_plan", "UnsupportedModelError",
+    "MaskedConv2d", "MaskedConv2dSame", "to_masked", "set_execution", "masked_convs", "fold_batchnorm",
+    "SparseDWPlan", "build_plan", "sparse_dwconv2d", "backend_available", "__version__",
+]

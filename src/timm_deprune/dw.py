@@ -1,0 +1,138 @@
+"""DCP / BWT / HSR: which taps of a depth-wise conv to prune (DESIGN.md §1).
+
+One function, :func:`select_dw_taps`, decides a layer's tap mask from per-tap scores. Alignment (HSR) is part of
+the selection: each group's pruned count is chosen aligned to the tile before ranking, so no second pass exists.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .config import ALIGN_MODES
+
+__all__ = ["DWSelection", "select_dw_taps", "aligned_count"]
+
+
+@dataclass(frozen=True)
+class DWSelection:
+    """A layer's tap mask and the statistics the report needs.
+
+    ``group_ratios`` are the pruned fractions of every ``group``-channel sub-GEMM; their minimum is the paper's
+    "Real DW" ratio (a layer runs as slow as its least pruned group).
+    """
+
+    mask: torch.Tensor  # bool [C, kh, kw], True = kept
+    target_ratio: float
+    achieved_ratio: float
+    group_ratios: tuple[float, ...]
+    group_pruned: tuple[int, ...]
+    aligned: bool
+    direction: str
+
+    @property
+    def min_group_ratio(self) -> float:
+        return min(self.group_ratios) if self.group_ratios else 0.0
+
+    @property
+    def max_group_ratio(self) -> float:
+        return max(self.group_ratios) if self.group_ratios else 0.0
+
+    @property
+    def dead_channels(self) -> torch.Tensor:
+        """Indices of channels with every tap pruned."""
+        return (~self.mask.flatten(1).any(1)).nonzero().flatten()
+
+
+def aligned_count(target: float, columns: int, tile: int, align: str, min_keep: int) -> int:
+    """Pruned-column count of one group: ``target`` rounded as ``align`` says, at most ``columns - min_keep``.
+
+    Example:
+        >>> aligned_count(0.71 * 288, 288, 32, "under", 1), aligned_count(0.71 * 288, 288, 32, "over", 1)
+        (192, 224)
+    """
+    most = max(columns - min_keep, 0)
+    if align == "none":
+        return min(int(round(target)), most)
+    steps = target / tile
+    if align == "under":
+        n = math.floor(steps + 1e-9)
+    elif align == "over":
+        n = math.ceil(steps - 1e-9)
+    else:  # nearest; a tie goes to the safer (smaller) count
+        n = math.ceil(steps - 0.5 - 1e-9)
+    count = n * tile
+    while count > most:  # never prune a group below min_keep: step back a whole tile
+        count -= tile
+    return max(count, 0)
+
+
+def _prune_lowest(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of ``scores`` [G, n]; prune the ``counts[g]`` lowest of row g (ties by position). Returns keep mask."""
+    order = torch.sort(scores, dim=1, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
+    return rank >= counts[:, None]
+
+
+def select_dw_taps(scores: torch.Tensor, ratio: float, *, balance: bool, align: str = "none", tile: int = 32,
+                   group: int = 32, min_keep: int = 1) -> DWSelection:
+    """Tap mask of one depth-wise layer from per-tap scores ``[C, kh, kw]`` (higher = more important).
+
+    - DCP (``balance=False``): rank all ``C*kh*kw`` taps of the layer and prune the lowest ``ratio``; with
+      ``align`` each group's share of that global ranking is rounded to the tile.
+    - BWT (``balance=True``): rank within every ``group``-channel group and prune the same count in each full
+      group; a trailing partial group prunes the same fraction.
+    - HSR (``align != "none"``): each group's pruned count is a multiple of ``tile`` columns, chosen here.
+
+    Example:
+        >>> sel = select_dw_taps(torch.rand(64, 3, 3), 0.71, balance=True, align="under")
+        >>> sel.group_pruned, round(sel.achieved_ratio, 3)
+        ((192, 192), 0.667)
+    """
+    if scores.dim() != 3:
+        raise ValueError(f"scores must be [C, kh, kw], got shape {list(scores.shape)}")
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    if align not in ALIGN_MODES:
+        raise ValueError(f"align must be one of {ALIGN_MODES}, got {align!r}")
+    c, kh, kw = scores.shape
+    k = kh * kw
+    flat = scores.detach().reshape(c, k).to(torch.float64)
+    if not torch.isfinite(flat).all():
+        raise ValueError("importance scores contain NaN or inf")
+    bounds = [(g0, min(g0 + group, c)) for g0 in range(0, c, group)]
+    columns = [(g1 - g0) * k for g0, g1 in bounds]
+
+    if balance:
+        targets = [ratio * n for n in columns]
+    else:
+        # DCP: one threshold for the whole layer; a group's target is what that ranking prunes in it.
+        total = int(round(ratio * c * k))
+        pruned = ~_prune_lowest(flat.reshape(1, -1), torch.tensor([total]))[0].reshape(c, k)
+        if align == "none":
+            mask = ~pruned
+            return _selection(mask.reshape(c, kh, kw), ratio, bounds, k, False, align)
+        targets = [float(pruned[g0:g1].sum()) for g0, g1 in bounds]
+    counts = [aligned_count(t, n, tile, align, min_keep) for t, n in zip(targets, columns)]
+
+    mask = torch.ones(c, k, dtype=torch.bool, device=scores.device)
+    full = c // group
+    if full:
+        counts_full = torch.tensor(counts[:full], device=scores.device)
+        mask[:full * group] = _prune_lowest(flat[:full * group].reshape(full, group * k), counts_full).reshape(-1, k)
+    if full < len(bounds):
+        g0, g1 = bounds[-1]
+        part = flat[g0:g1].reshape(1, -1)
+        mask[g0:g1] = _prune_lowest(part, torch.tensor([counts[-1]], device=scores.device)).reshape(-1, k)
+    return _selection(mask.reshape(c, kh, kw), ratio, bounds, k, align != "none", align)
+
+
+def _selection(mask: torch.Tensor, ratio: float, bounds, k: int, aligned: bool, align: str) -> DWSelection:
+    per_channel_pruned = k - mask.reshape(mask.shape[0], k).sum(1)
+    group_pruned = tuple(int(per_channel_pruned[g0:g1].sum()) for g0, g1 in bounds)
+    group_ratios = tuple(p / ((g1 - g0) * k) for p, (g0, g1) in zip(group_pruned, bounds))
+    achieved = sum(group_pruned) / float(mask.numel())
+    return DWSelection(mask=mask.to(torch.bool).cpu(), target_ratio=float(ratio), achieved_ratio=achieved,
+                       group_ratios=group_ratios, group_pruned=group_pruned, aligned=aligned, direction=align)

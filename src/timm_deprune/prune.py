@@ -1,0 +1,268 @@
+"""``prune(model, config)``: DEPrune on a timm model: PW filter pruning, then DCP / BWT / HSR on DW convs."""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from timm.layers import Conv2dSame, MixedConv2d
+
+from .config import DepruneConfig, resolve_ratios
+from .dw import DWSelection, select_dw_taps
+from .plan import DWLayerPlan, PrunePlan, PWLayerPlan, apply_pw, _set_module
+from .pw import (bn_scale, filter_scores, find_channel_groups, group_splits, is_depthwise,
+                 kept_pw_count, select_pw_channels)
+from .report import LayerReport, PruneReport, count_macs
+
+__all__ = ["prune", "PruneResult", "UnsupportedModelError", "depthwise_convs", "SUPPORTED_CONV_TYPES"]
+
+SUPPORTED_CONV_TYPES = (nn.Conv2d, Conv2dSame)  # exact types: other conv subclasses change the forward
+
+
+class UnsupportedModelError(ValueError):
+    """The model (family) cannot be pruned by timm_deprune; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """What :func:`prune` returns: the pruned model, every decision (the plan), the tap masks and a report."""
+
+    model: nn.Module
+    plan: PrunePlan
+    masks: dict[str, torch.Tensor]
+    report: PruneReport
+
+
+def depthwise_convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
+    """Every depth-wise conv (``groups == in == out``, kernel > 1x1) by module path, in module order."""
+    return [(p, m) for p, m in model.named_modules() if is_depthwise(m)]
+
+
+def _check_supported(model: nn.Module, dws: Sequence[tuple[str, nn.Module]]) -> None:
+    name = type(model).__name__
+    if not dws:
+        raise UnsupportedModelError(f"{name} has no depth-wise conv (groups == in == out channels, kernel > 1x1):"
+                                    " nothing for DEPrune to prune")
+    dw_paths = [p for p, _ in dws]
+    for path, m in model.named_modules():
+        if not path or hasattr(m, "mask") or not any(hasattr(m, a) for a in _REPARAM_METHODS):
+            continue
+        inside = [p for p in dw_paths if p.startswith(path + ".")]
+        if inside and sum(isinstance(c, nn.Conv2d) for c in m.modules()) > 1:
+            raise UnsupportedModelError(
+                f"{name} has re-parameterisable branches around depth-wise conv {inside[0]!r} ({type(m).__name__}):"
+                " merging the branches would fill pruned taps. Call timm.models.reparameterize_model(model) first"
+                " and prune the merged model")
+
+
+_REPARAM_METHODS = ("reparameterize", "switch_to_deploy", "fuse")
+
+
+def _dw_scores(model: nn.Module, path: str, conv: nn.Conv2d, importance, bn_of: dict[str, torch.Tensor]) -> torch.Tensor:
+    if callable(importance):
+        scores = importance("dw", path, conv)
+        shape = (conv.out_channels, *conv.kernel_size)
+        if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != shape:
+            raise ValueError(f"importance callable must return a {list(shape)} tensor for depth-wise layer {path!r},"
+                             f" got {getattr(scores, 'shape', type(scores))}")
+        return scores.detach().float().cpu()
+    w = conv.weight.detach().float().cpu()[:, 0]
+    scores = w.abs() if importance == "l1" else w.square()
+    if importance == "bn_scaled":
+        scale = bn_of.get(path)
+        if scale is None:
+            raise ValueError(f"importance 'bn_scaled' needs a BatchNorm after depth-wise layer {path!r}; none found")
+        scores = w.abs() * scale[:, None, None]
+    return scores
+
+
+def _following_bn_scales(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``|gamma| / sqrt(var + eps)`` of the BatchNorm that directly follows each depth-wise conv, per channel.
+
+    The sub-convs of a MixedConv2d share the BN after it: each gets its slice.
+    """
+    out: dict[str, torch.Tensor] = {}
+    pending: list[tuple[str, int, int]] = []  # (path, first channel, channels) awaiting their BN
+    inside_mixed = ""
+    for path, m in model.named_modules():
+        if isinstance(m, MixedConv2d) and all(is_depthwise(c) for c in m.values()):
+            start, pending, inside_mixed = 0, [], path + "."
+            for name, c in m.items():
+                pending.append((f"{path}.{name}", start, c.out_channels))
+                start += c.out_channels
+        elif is_depthwise(m):
+            if not (inside_mixed and path.startswith(inside_mixed)):
+                pending, inside_mixed = [(path, 0, m.out_channels)], ""
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and pending:
+            if m.num_features == sum(n for _, _, n in pending):
+                scale = bn_scale(m)
+                out.update({p: scale[s:s + n] for p, s, n in pending})
+            pending, inside_mixed = [], ""
+        elif isinstance(m, (nn.Conv2d, nn.Linear)):
+            pending, inside_mixed = [], ""
+    return out
+
+
+def _input_size(model: nn.Module, input_size: Optional[Sequence[int]]) -> tuple[int, int, int]:
+    if input_size is not None:
+        return tuple(int(v) for v in input_size)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    return tuple(size) if size else (3, 224, 224)
+
+
+def _params(model: nn.Module) -> int:
+    total = sum(p.numel() for p in model.parameters())
+    for m in model.modules():
+        mask = getattr(m, "mask", None)
+        if isinstance(mask, torch.Tensor) and isinstance(m, nn.Conv2d):
+            total -= int((~mask).sum())
+    return total
+
+
+def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
+          input_size: Optional[Sequence[int]] = None) -> PruneResult:
+    """Prune the depth-wise separable convs of ``model`` as ``config`` says (DESIGN.md §1).
+
+    Point-wise filter pruning first (block-internal channels only, with channel surgery), then DCP / BWT / HSR on
+    every depth-wise conv; DW channels left with no tap are removed and folded into the next point-wise conv
+    where that is exact. Depth-wise convs become :class:`~timm_deprune.layers.MaskedConv2d`.
+
+    Args:
+        model: a timm model (or any module with depth-wise convs); copied unless ``inplace``.
+        config: ratios and method.
+        inplace: prune ``model`` itself.
+        input_size: ``(C, H, W)`` for the FLOPs report; default the model's ``pretrained_cfg`` input size.
+
+    Example:
+        >>> import timm
+        >>> res = prune(timm.create_model("efficientnet_b0"), DepruneConfig.deprune_bh(dw_ratio=0.71, pw_ratio=0.3))
+        >>> print(res.report.summary())  # doctest: +SKIP
+    """
+    from .layers import to_masked
+
+    if not isinstance(config, DepruneConfig):
+        raise TypeError(f"config must be a DepruneConfig, got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    dws = depthwise_convs(model)
+    _check_supported(model, dws)
+    if any(hasattr(m, "mask") for _, m in dws):
+        raise ValueError("model is already pruned (it has masked depth-wise convs); prune the dense model")
+    if not inplace:
+        model = copy.deepcopy(model)
+    size = _input_size(model, input_size)
+    before = count_macs(model, size)
+    params_before = _params(model)
+    dense_channels = {p: m.out_channels for p, m in dws}
+    decide = 0.0
+
+    # 1. point-wise filter pruning of block-internal channels
+    groups = [g for g in find_channel_groups(model) if not config.is_ignored(g.producer)]
+    pw_ratios = resolve_ratios(config.pw_ratio, [g.producer for g in groups], "pw_ratio")
+    pw_kept: dict[str, torch.Tensor] = {}
+    pw_dense: dict[str, int] = {}
+    for g in groups:
+        ratio = pw_ratios.get(g.producer, 0.0)
+        producer = model.get_submodule(g.producer)
+        channels = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
+        t0 = time.perf_counter()
+        keep = kept_pw_count(channels, ratio, config.pw_tile, config.min_keep)
+        kept = (select_pw_channels(filter_scores(model, g, config.importance), keep, group_splits(model, g))
+                if keep < channels else torch.arange(channels))
+        decide += time.perf_counter() - t0
+        pw_kept[g.producer] = kept
+        pw_dense[g.producer] = channels
+        apply_pw(model, g, PWLayerPlan(g.producer, g.consumer, g.block, channels, ratio, tuple(kept.tolist())))
+
+    # 2. DCP / BWT / HSR on every depth-wise conv (groups are formed after the channel removal)
+    dws = [(p, m) for p, m in depthwise_convs(model) if not config.is_ignored(p)]
+    skipped = [f"{p}: {type(m).__name__} is not a plain Conv2d / Conv2dSame" for p, m in dws
+               if type(m) not in SUPPORTED_CONV_TYPES]
+    dws = [(p, m) for p, m in dws if type(m) in SUPPORTED_CONV_TYPES]
+    dw_ratios = resolve_ratios(config.dw_ratio, [p for p, _ in dws], "dw_ratio")
+    bn_of = _following_bn_scales(model) if config.importance == "bn_scaled" else {}
+    group_of_dw = {g.dw: g for g in groups if g.dw is not None}
+    select = lambda scores, ratio: select_dw_taps(  # noqa: E731
+        scores, ratio, balance=config.balance, align=config.align, tile=config.tile, group=config.group,
+        min_keep=config.min_keep)
+    masks: dict[str, torch.Tensor] = {}
+    dw_plans: list[DWLayerPlan] = []
+    pw_dead: dict[str, tuple[int, ...]] = {}
+    dead_removed = dead_kept = 0
+    selections: dict[str, DWSelection] = {}
+    for path, conv in dws:
+        ratio = dw_ratios.get(path, 0.0)
+        if ratio <= 0.0:
+            continue
+        t0 = time.perf_counter()
+        sel = select(_dw_scores(model, path, conv, config.importance, bn_of), ratio)
+        decide += time.perf_counter() - t0
+        dead = sel.dead_channels
+        removed = 0
+        g = group_of_dw.get(path)
+        if len(dead) and config.remove_dead and g is not None and g.can_fold_dead and len(dead) < conv.out_channels:
+            # Remove the dead channels exactly, then select again on the rest at the same overall target.
+            channels = conv.out_channels
+            apply_pw(model, g, PWLayerPlan(g.producer, g.consumer, g.block, channels, 0.0,
+                                           tuple(range(channels)), tuple(dead.tolist())))
+            pw_dead[g.producer] = tuple(dead.tolist())
+            removed = len(dead)
+            conv = model.get_submodule(path)
+            if bn_of:  # channels moved: the BN scales must follow
+                bn_of = _following_bn_scales(model)
+            ratio2 = max((ratio * channels - removed) / (channels - removed), 0.0)
+            t0 = time.perf_counter()
+            sel = select(_dw_scores(model, path, conv, config.importance, bn_of), ratio2)
+            decide += time.perf_counter() - t0
+        dead_removed += removed
+        dead_kept += len(sel.dead_channels)
+        k = conv.kernel_size[0] * conv.kernel_size[1]
+        pruned = sum(sel.group_pruned) + removed * k
+        selections[path] = sel
+        masks[path] = sel.mask
+        dw_plans.append(DWLayerPlan(
+            path=path, channels=conv.out_channels, kernel_size=tuple(conv.kernel_size), target_ratio=ratio,
+            achieved_ratio=pruned / ((conv.out_channels + removed) * k), min_group_ratio=sel.min_group_ratio,
+            max_group_ratio=sel.max_group_ratio, aligned=sel.aligned, direction=sel.direction, group=config.group,
+            tile=config.tile, balanced=config.balance, dead_removed=removed))
+        _set_module(model, path, to_masked(conv, sel.mask))
+
+    pw_plans = tuple(
+        PWLayerPlan(g.producer, g.consumer, g.block, pw_dense[g.producer], pw_ratios.get(g.producer, 0.0),
+                    tuple(pw_kept[g.producer].tolist()), pw_dead.get(g.producer, ()))
+        for g in groups if len(pw_kept[g.producer]) < pw_dense[g.producer] or g.producer in pw_dead)
+    cfg = getattr(model, "pretrained_cfg", None)
+    arch = cfg.get("architecture") if isinstance(cfg, dict) else None
+    plan = PrunePlan(config=config.to_dict(), dw=tuple(dw_plans), pw=pw_plans, arch=arch)
+    after = count_macs(model, size)
+    rows = [_dw_row(d, dense_channels, before, after) for d in dw_plans]
+    rows += [_pw_row(p, before, after) for p in pw_plans]
+    report = PruneReport(
+        layers=tuple(rows), input_size=size,
+        macs_before=sum(v[0] for v in before.values()), macs_after=sum(v[0] for v in after.values()),
+        params_before=params_before, params_after=_params(model), decide_seconds=decide,
+        dead_channels_removed=dead_removed, dead_channels_kept=dead_kept, skipped=tuple(skipped))
+    return PruneResult(model=model, plan=plan, masks=masks, report=report)
+
+
+def _dw_row(d: DWLayerPlan, dense_channels: dict, before: dict, after: dict) -> LayerReport:
+    mb, pb = before.get(d.path, (0, 0))
+    ma, pa = after.get(d.path, (0, 0))
+    return LayerReport(d.path, "dw", dense_channels.get(d.path, d.channels), d.channels, d.target_ratio,
+                       d.achieved_ratio, d.min_group_ratio, d.max_group_ratio, d.aligned, mb, ma, pb, pa)
+
+
+def _pw_row(p: PWLayerPlan, before: dict, after: dict) -> LayerReport:
+    # the producer and the consumer both shrink with the block's internal channels
+    mb = sum(before.get(x, (0, 0))[0] for x in (p.producer, p.consumer))
+    ma = sum(after.get(x, (0, 0))[0] for x in (p.producer, p.consumer))
+    pb = sum(before.get(x, (0, 0))[1] for x in (p.producer, p.consumer))
+    pa = sum(after.get(x, (0, 0))[1] for x in (p.producer, p.consumer))
+    achieved = 1.0 - p.channels / p.channels_before
+    return LayerReport(p.producer, "pw", p.channels_before, p.channels, p.target_ratio, achieved, None, None,
+                       False, mb, ma, pb, pa)
