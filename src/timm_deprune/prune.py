@@ -238,14 +238,18 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
         for g in groups if len(pw_kept[g.producer]) < pw_dense[g.producer] or g.producer in pw_dead)
     cfg = getattr(model, "pretrained_cfg", None)
     arch = cfg.get("architecture") if isinstance(cfg, dict) else None
-    plan = PrunePlan(config=config.to_dict(), dw=tuple(dw_plans), pw=pw_plans, arch=arch)
     after = count_macs(model, size)
+    stats = {"input_size": list(size), "macs_before": sum(v[0] for v in before.values()),
+             "macs_after": sum(v[0] for v in after.values()), "params_before": params_before,
+             "params_after": _params(model), "decide_seconds": decide}
+    plan = PrunePlan(config=config.to_dict(), dw=tuple(dw_plans), pw=pw_plans, arch=arch, extra={"stats": stats})
+    model.deprune_plan = plan  # save_pretrained / push_to_hub read it
     rows = [_dw_row(d, dense_channels, before, after) for d in dw_plans]
     rows += [_pw_row(p, before, after) for p in pw_plans]
     report = PruneReport(
         layers=tuple(rows), input_size=size,
-        macs_before=sum(v[0] for v in before.values()), macs_after=sum(v[0] for v in after.values()),
-        params_before=params_before, params_after=_params(model), decide_seconds=decide,
+        macs_before=stats["macs_before"], macs_after=stats["macs_after"], params_before=params_before,
+        params_after=stats["params_after"], decide_seconds=decide,
         dead_channels_removed=dead_removed, dead_channels_kept=dead_kept, skipped=tuple(skipped))
     return PruneResult(model=model, plan=plan, masks=masks, report=report)
 

@@ -1,0 +1,192 @@
+"""Save, push and load pruned models: timm's folder format plus the DEPrune masks and a model card.
+
+A folder holds ``config.json`` (timm's format; the plan under ``model_args.deprune``), ``model.safetensors``
+(pruned shapes), ``deprune_masks.safetensors`` (uint8 ``[C, kh, kw]`` per depth-wise layer, keyed by module path)
+and ``README.md``. ``timm.create_model("local-dir:DIR")`` / ``("hf-hub:REPO")`` rebuild the exact model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from .layers import masked_convs
+from .plan import PrunePlan
+
+__all__ = ["save_pretrained", "push_to_hub", "from_pretrained", "save_masks", "load_masks", "MASKS_FILE",
+           "WEIGHTS_FILE", "model_plan"]
+
+MASKS_FILE = "deprune_masks.safetensors"
+WEIGHTS_FILE = "model.safetensors"
+_MASKS_FORMAT = "deprune-masks"
+_MASKS_VERSION = "1"
+
+
+def model_plan(model: nn.Module) -> PrunePlan:
+    """The :class:`PrunePlan` a pruned model carries (set by ``prune`` and by the timm loaders)."""
+    plan = getattr(model, "deprune_plan", None)
+    if not isinstance(plan, PrunePlan):
+        raise ValueError(f"{type(model).__name__} carries no DEPrune plan: prune it with timm_deprune.prune() or load"
+                         " it with timm.create_model('ARCH.deprune' | 'hf-hub:...' | 'local-dir:...')")
+    return plan
+
+
+def save_masks(masks: Mapping[str, torch.Tensor], path: Union[str, Path]) -> None:
+    """Write tap masks as uint8 tensors keyed by module path (safetensors, with a format header)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to(torch.uint8).cpu().contiguous() for k, v in masks.items()}
+    save_file(tensors, str(path), metadata={"format": _MASKS_FORMAT, "format_version": _MASKS_VERSION})
+
+
+def load_masks(path: Union[str, Path]) -> dict[str, torch.Tensor]:
+    """Read a masks file; a missing, corrupted or foreign file raises ``ValueError`` naming it."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"DEPrune masks file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            masks = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for a bad header or a truncated file
+        raise ValueError(f"cannot read DEPrune masks file {path}: {e}") from e
+    if meta.get("format") != _MASKS_FORMAT:
+        raise ValueError(f"{path} is not a DEPrune masks file (format {meta.get('format')!r})")
+    if meta.get("format_version") != _MASKS_VERSION:
+        raise ValueError(f"{path} has masks format_version {meta.get('format_version')!r}; this timm_deprune reads"
+                         f" {_MASKS_VERSION!r} (upgrade timm-deprune for newer files)")
+    for key, m in masks.items():
+        if m.dtype != torch.uint8 or m.dim() != 3 or bool(((m != 0) & (m != 1)).any()):
+            raise ValueError(f"mask {key!r} in {path} must be a 0/1 uint8 [C, kh, kw] tensor, got {m.dtype}"
+                             f" {list(m.shape)}")
+    return {k: m.bool() for k, m in masks.items()}
+
+
+def check_masks(plan: PrunePlan, masks: Mapping[str, torch.Tensor], where: str) -> None:
+    """Masks must cover exactly the plan's depth-wise layers with the plan's shapes."""
+    shapes = plan.mask_shapes()
+    missing, extra = sorted(set(shapes) - set(masks)), sorted(set(masks) - set(shapes))
+    if missing or extra:
+        raise ValueError(f"masks in {where} do not match the prune plan: missing {missing[:5]}, unexpected {extra[:5]}")
+    for key, shape in shapes.items():
+        if tuple(masks[key].shape) != shape:
+            raise ValueError(f"mask {key!r} in {where} has shape {list(masks[key].shape)}, the plan expects"
+                             f" {list(shape)}")
+
+
+def _model_masks(model: nn.Module, plan: PrunePlan) -> dict[str, torch.Tensor]:
+    masks = {path: m.mask for path, m in masked_convs(model)}
+    check_masks(plan, masks, "the model")
+    return masks
+
+
+def save_pretrained(model: nn.Module, save_directory: Union[str, Path], *, overwrite: bool = False,
+                    card: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write a pruned model as a folder that ``timm.create_model("local-dir:...")`` and the Hub can load.
+
+    The folder is written to a temporary sibling and renamed into place, so a crash never leaves it half written.
+
+    Args:
+        model: a pruned model (from :func:`timm_deprune.prune` or a DEPrune load).
+        save_directory: target folder; must not exist or be empty unless ``overwrite``.
+        overwrite: replace an existing non-empty folder.
+        card: extra model-card facts, e.g. ``{"accuracy": {"top1": 71.2, "dataset": "..."},
+            "latency": {"batch1_ms": 5.1, "device": "..."}, "base_weights": "timm pretrained"}``.
+
+    Returns:
+        The folder path.
+    """
+    from timm.models import save_for_hf
+
+    from .model_card import model_card
+
+    plan = model_plan(model)
+    masks = _model_masks(model, plan)
+    target = Path(save_directory).expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a folder")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(f"{target} is not empty; pass overwrite=True to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        save_for_hf(model, str(tmp), model_args={"deprune": plan.to_dict()}, safe_serialization=True,
+                    model_config={"pretrained_cfg": {"hf_hub_filename": WEIGHTS_FILE}})
+        save_masks(masks, tmp / MASKS_FILE)
+        (tmp / "README.md").write_text(model_card(model, plan, dict(card or {})))
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move folder ``src`` to ``dst``, replacing ``dst`` (renames only: never a half-written ``dst``)."""
+    if dst.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+        os.replace(dst, old / "x")
+        try:
+            os.replace(src, dst)
+        except BaseException:
+            os.replace(old / "x", dst)
+            raise
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def push_to_hub(model: nn.Module, repo_id: str, *, private: bool = False, token: Optional[str] = None,
+                revision: Optional[str] = None, commit_message: str = "Add DEPrune pruned model",
+                card: Optional[Mapping[str, Any]] = None, api=None) -> str:
+    """Push a pruned model to the Hugging Face Hub in ONE commit (``upload_folder`` of a saved temp folder).
+
+    Returns the commit URL. ``api`` defaults to ``huggingface_hub.HfApi(token=token)``.
+    """
+    if api is None:
+        from huggingface_hub import HfApi
+
+        from . import __version__
+
+        api = HfApi(token=token, library_name="timm-deprune", library_version=__version__)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    with tempfile.TemporaryDirectory(prefix="deprune-push-") as tmp:
+        folder = save_pretrained(model, Path(tmp) / "model", card=card)
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
+                                 revision=revision, repo_type="model")
+    return str(getattr(info, "commit_url", info))
+
+
+def from_pretrained(repo_id_or_dir: Union[str, Path], **kwargs) -> nn.Module:
+    """Load a pruned model from a local folder or a Hub repo (``timm.create_model`` with ``pretrained=True``).
+
+    Example:
+        >>> model = from_pretrained("my-org/mobilenetv2_100.deprune")  # doctest: +SKIP
+    """
+    import timm
+
+    from . import timm_plugin  # noqa: F401  (the loaders need the hook installed)
+
+    path = Path(repo_id_or_dir).expanduser()
+    if path.is_dir():
+        name = f"local-dir:{path.absolute()}"
+    elif str(repo_id_or_dir).startswith((".", "/", "~")) or str(repo_id_or_dir).count("/") != 1:
+        raise FileNotFoundError(f"no model folder {str(repo_id_or_dir)!r}, and it is not a Hub repo id (org/name)")
+    else:
+        name = f"hf-hub:{repo_id_or_dir}"
+    kwargs.setdefault("pretrained", True)
+    return timm.create_model(name, **kwargs)
+
+
+def read_config(folder: Union[str, Path]) -> dict:
+    """``config.json`` of a saved folder (for ``timm-deprune info``)."""
+    return json.loads((Path(folder) / "config.json").read_text())
