@@ -5,6 +5,8 @@ dwconv: every depth-wise conv layer shape of mobilenetv2_100 and efficientnet_b0
 ratios 100/50/29% with balanced (BWT) masks; our sparse op vs PyTorch's dense depth-wise conv in NCHW and
 channels_last, side by side in one process, interleaved, medians over repeats.
 overhead: per-call cost of the registered custom op vs the direct eager path on a tiny layer.
+prune: wall time to decide every mask (DW taps and PW channels) of a model, the pruning overhead reviewers of
+the paper asked for; the surgery and the FLOPs trace are not counted.
 """
 from __future__ import annotations
 
@@ -169,6 +171,28 @@ def run_overhead(args: argparse.Namespace) -> None:
         print(f"{k:40s} {statistics.median(v) * 1e6:8.2f} us")
 
 
+def run_prune(args: argparse.Namespace) -> None:
+    import timm
+
+    from timm_deprune import DepruneConfig, prune
+
+    cfg = DepruneConfig.deprune_bh(dw_ratio=args.dw_ratio, pw_ratio=args.pw_ratio)
+    print(f"# time to decide all masks, {cfg.method} DW {args.dw_ratio:.0%} PW {args.pw_ratio:.0%}"
+          f" ({datetime.date.today()}, {platform.processor() or platform.machine()}, {torch.get_num_threads()}"
+          f" threads, median of {args.repeats})")
+    for name in args.models:
+        model = timm.create_model(name)
+        times, total = [], []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            res = prune(model, cfg)
+            total.append(time.perf_counter() - t0)
+            times.append(res.report.decide_seconds)
+        print(f"{name:24s} decide {statistics.median(times) * 1e3:7.1f} ms   whole prune() incl. copy, surgery and"
+              f" two FLOPs passes {statistics.median(total) * 1e3:7.1f} ms   ({len(res.plan.dw)} DW, {len(res.plan.pw)}"
+              f" PW layers)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -182,6 +206,12 @@ def main() -> None:
     p = sub.add_parser("overhead", help="per-call overhead of the custom op vs the eager path")
     p.add_argument("--repeats", type=int, default=11)
     p.set_defaults(fn=run_overhead)
+    p = sub.add_parser("prune", help="time to decide all masks (pruning overhead)")
+    p.add_argument("--models", nargs="+", default=["mobilenetv2_100", "mobilenetv3_large_100", "efficientnet_b0"])
+    p.add_argument("--dw-ratio", type=float, default=0.71)
+    p.add_argument("--pw-ratio", type=float, default=0.3)
+    p.add_argument("--repeats", type=int, default=7)
+    p.set_defaults(fn=run_prune)
     args = parser.parse_args()
     args.fn(args)
 

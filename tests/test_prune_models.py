@@ -287,3 +287,14 @@ def test_pruned_taps_stay_zero_while_training(gen):
     for path, mask in res.masks.items():
         w = model.get_submodule(path).weight.detach()[:, 0]
         assert (w[~mask] == 0).all(), path
+
+
+def test_reparameterize_model_bakes_masks_into_plain_convs(gen):
+    res = prune(_build("efficientnet_b0", gen), DepruneConfig.deprune_bh(dw_ratio=0.71, pw_ratio=0.3))
+    fused = timm.models.reparameterize_model(res.model.eval())
+    assert not any(hasattr(m, "mask") for m in fused.modules())
+    x = torch.randn(1, 3, 64, 64, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), res.model(x), rtol=1e-5, atol=1e-6)
+    for path, mask in res.masks.items():
+        assert (fused.get_submodule(path).weight.detach()[:, 0][~mask] == 0).all()
