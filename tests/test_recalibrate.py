@@ -59,6 +59,7 @@ def test_distillation_uses_the_teacher_and_leaves_it_alone(gen):
     assert len(calls) == 3
     for k, v in dense.state_dict().items():
         torch.testing.assert_close(v, teacher_state[k], rtol=0, atol=0)
+    assert all(p.requires_grad for p in dense.parameters())  # the teacher can still be trained or pruned later
     assert _pruned_taps_zero(res.model, res.masks)
 
 

@@ -235,10 +235,9 @@ def recalibrate(model: nn.Module, train_loader: Iterable, config: RecalibrateCon
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler and accelerator is None)
     if accelerator is not None:
         model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    teacher_mode = teacher.training if teacher is not None else False
     if teacher is not None:
-        teacher = teacher.to(device).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+        teacher = teacher.to(device).eval()  # run under no_grad below; its parameters are left as they are
 
     step, resumed = 0, None
     ckpt = Path(config.checkpoint_dir) / _CKPT if config.checkpoint_dir else None
@@ -308,6 +307,8 @@ def recalibrate(model: nn.Module, train_loader: Iterable, config: RecalibrateCon
         distribute_bn(model, accelerator.num_processes, reduce=True)  # every rank ends with the same BN statistics
     save()
     model.eval()
+    if teacher is not None:
+        teacher.train(teacher_mode)
     return RecalibrateResult(steps=step, epochs_done=epoch, losses=losses, resumed_from=resumed)
 
 

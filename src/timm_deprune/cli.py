@@ -1,0 +1,557 @@
+"""``timm-deprune``: prune a timm model with DEPrune, save it in timm's folder format, inspect it, push it to the Hub.
+
+Example:
+    timm-deprune prune mobilenetv2_100 --pretrained --output mnv2.deprune
+    timm-deprune info mnv2.deprune
+    timm-deprune push mnv2.deprune my-org/mobilenetv2_100.deprune
+
+An error prints one line (``timm-deprune: error: ...``) on stderr and exits non-zero (2 for wrong usage);
+``--verbose`` prints the traceback too. ``python -m timm_deprune.cli`` and ``scripts/prune_and_upload.py``
+(= ``timm-deprune prune``) run the same code.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import socket
+import sys
+import time
+import traceback
+import urllib.error
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import timm
+import torch
+
+import timm_deprune
+from .config import ALIGN_MODES, IMPORTANCE_NAMES, DepruneConfig
+from .hub import MASKS_FILE, WEIGHTS_FILE, from_pretrained, load_masks, read_config, save_pretrained
+from .model_card import _config_str, _method
+from .plan import PrunePlan
+
+__all__ = ["main", "build_parser", "CliError"]
+
+PROG = "timm-deprune"
+METHODS = {"deprune": DepruneConfig.deprune, "deprune-b": DepruneConfig.deprune_b,
+           "deprune-bh": DepruneConfig.deprune_bh}
+FOLDER_FILES = ("config.json", WEIGHTS_FILE, MASKS_FILE, "README.md")  # what a saved folder holds (and is pushed)
+
+
+class CliError(Exception):
+    """A failure the user can act on, printed as one line; ``code`` 2 means wrong usage."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _make_api(token: Optional[str]):
+    """The Hub client (a seam: tests replace it with a fake)."""
+    from huggingface_hub import HfApi
+
+    return HfApi(token=token, library_name="timm-deprune", library_version=timm_deprune.__version__)
+
+
+# ---------------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``timm-deprune`` argument parser (subcommands ``prune``, ``info``, ``push``)."""
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a subcommand's default must not overwrite a --verbose given before the subcommand
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="on error, print the full traceback")
+    parser = argparse.ArgumentParser(
+        prog=PROG, parents=[common], description="DEPrune pruning of depth-wise separable convs in timm models.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {timm_deprune.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("prune", parents=[common], help="prune a timm model and save it as a timm model folder",
+                       description="Prune the depth-wise separable convs of a timm model and save a folder that"
+                       " timm.create_model('local-dir:DIR', pretrained=True) loads.")
+    p.add_argument("model", metavar="MODEL", help="timm model name, e.g. mobilenetv2_100 or efficientnet_b0.ra_in1k")
+    w = p.add_argument_group("weights (pick exactly one)").add_mutually_exclusive_group()
+    w.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (downloaded)")
+    w.add_argument("--checkpoint", metavar="PATH", type=Path,
+                   help="dense weights: .safetensors or a torch state dict (loaded with weights_only=True, strictly)")
+    w.add_argument("--random-init", action="store_true", help="untrained weights (tests, benchmarks)")
+    m = p.add_argument_group("pruning")
+    m.add_argument("--method", choices=tuple(METHODS), default="deprune-bh",
+                   help="DEPrune (DCP + PW filters), -B (+ balanced groups), -BH (+ tile alignment);"
+                   " default %(default)s")
+    m.add_argument("--dw-ratio", type=float, default=0.71, metavar="R",
+                   help="fraction of depth-wise taps to prune (default %(default)s)")
+    m.add_argument("--pw-ratio", type=float, default=0.3, metavar="R",
+                   help="fraction of block-internal point-wise channels to remove (default %(default)s)")
+    m.add_argument("--align", choices=ALIGN_MODES, help="HSR rounding of pruned counts (deprune-bh; default under)")
+    m.add_argument("--tile", type=int, help="HSR tile in taps (default 32)")
+    m.add_argument("--group", type=int, help="channels per balanced group (default 32)")
+    m.add_argument("--pw-tile", type=int, help="kept point-wise channels are a multiple of this (default 32)")
+    m.add_argument("--importance", choices=IMPORTANCE_NAMES, help="weight importance score (default l2)")
+    m.add_argument("--ignore", action="append", default=[], metavar="GLOB",
+                   help="module path glob to leave dense (repeatable)")
+    m.add_argument("--no-remove-dead", dest="remove_dead", action="store_false",
+                   help="keep depth-wise channels whose taps are all pruned")
+    b = p.add_argument_group("model")
+    b.add_argument("--num-classes", type=int, help="classifier size (timm's num_classes)")
+    b.add_argument("--in-chans", type=int, help="input channels (timm's in_chans)")
+    b.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
+                   help="input size for the MACs report (default: the model's pretrained_cfg)")
+    o = p.add_argument_group("output")
+    o.add_argument("--output", type=Path, metavar="DIR", help="model folder (default ./MODEL.deprune)")
+    o.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    o.add_argument("--push-to-hub", metavar="REPO", help="also upload the folder to this Hub repo (one commit)")
+    o.add_argument("--private", action="store_true", help="create the Hub repo private")
+    o.add_argument("--token", help="Hub token (default: HF_TOKEN / the saved login)")
+    r = p.add_argument_group("recalibration (fine-tune with masks held)")
+    r.add_argument("--data-dir", type=Path, metavar="DIR",
+                   help="image folder with train/ (and validation/ or val/ for the accuracy in the model card)")
+    r.add_argument("--epochs", type=int, help="recalibration epochs (default 1)")
+    r.add_argument("--distill", action="store_true", help="distil from the dense model while recalibrating")
+    r.add_argument("--batch-size", type=int, default=64, help="recalibration batch size (default %(default)s)")
+    r.add_argument("--workers", type=int, default=2, help="data loader processes (default %(default)s)")
+    r.add_argument("--device", help="recalibration device (default: cuda when available, else cpu)")
+    p.set_defaults(func=_cmd_prune)
+
+    i = sub.add_parser("info", parents=[common], help="show what a pruned model folder or Hub repo holds",
+                       description="Show the architecture, pruning config, per-layer plan and files of a pruned"
+                       " model folder, or of a Hub repo in the local cache.")
+    i.add_argument("source", metavar="PATH_OR_REPO", help="model folder, or Hub repo id (org/name)")
+    i.set_defaults(func=_cmd_info)
+
+    u = sub.add_parser("push", parents=[common], help="upload a saved model folder to the Hub",
+                       description="Check that a saved folder loads (strictly), then upload it in one commit.")
+    u.add_argument("folder", metavar="DIR", type=Path, help="folder written by `timm-deprune prune`")
+    u.add_argument("repo", metavar="REPO", help="Hub repo id (org/name)")
+    u.add_argument("--private", action="store_true", help="create the Hub repo private")
+    u.add_argument("--token", help="Hub token (default: HF_TOKEN / the saved login)")
+    u.set_defaults(func=_cmd_push)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``timm-deprune`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    args = build_parser().parse_args(argv)
+    verbose = getattr(args, "verbose", False)
+    try:
+        with _quiet_loggers(verbose):
+            args.func(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line for the user; the traceback with --verbose
+        if verbose:
+            traceback.print_exc()
+        message = " ".join(str(e).split()) or type(e).__name__
+        if not isinstance(e, (CliError, ValueError, FileNotFoundError, FileExistsError)):
+            message = f"{type(e).__name__}: {message}"
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return e.code if isinstance(e, CliError) else 1
+    return 0
+
+
+@contextmanager
+def _quiet_loggers(verbose: bool) -> Iterator[None]:
+    """Without --verbose, library warnings (e.g. the Hub client's retry messages) stay off the console."""
+    loggers = [logging.getLogger(n) for n in ("huggingface_hub", "timm")]
+    levels = [lg.level for lg in loggers]
+    if not verbose:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+# ---------------------------------------------------------------------------------------------------- prune
+
+
+def _config(args: argparse.Namespace) -> DepruneConfig:
+    kwargs = {k: getattr(args, k) for k in ("tile", "group", "pw_tile", "importance") if getattr(args, k) is not None}
+    kwargs.update(ignore=tuple(args.ignore), remove_dead=args.remove_dead)
+    if args.align is not None:
+        if args.method != "deprune-bh" and args.align != "none":
+            raise CliError(f"--align {args.align} needs --method deprune-bh ({args.method} does not align)", 2)
+        if args.method == "deprune-bh":
+            kwargs["align"] = args.align
+    try:
+        return METHODS[args.method](dw_ratio=args.dw_ratio, pw_ratio=args.pw_ratio, **kwargs)
+    except ValueError as e:
+        raise CliError(f"invalid pruning options: {e}", 2) from e
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Everything that can be checked before loading the model, so a mistake costs no download."""
+    if not (args.pretrained or args.checkpoint or args.random_init):
+        raise CliError("choose the weights to prune: --pretrained (timm's weights), --checkpoint PATH (local"
+                       " weights) or --random-init (untrained)", 2)
+    if (args.private or args.token) and not args.push_to_hub:
+        raise CliError("--private / --token only apply with --push-to-hub REPO", 2)
+    if (args.epochs is not None or args.distill or args.device) and args.data_dir is None:
+        raise CliError("--epochs / --distill / --device are recalibration options: they need --data-dir DIR", 2)
+    for flag, low in (("epochs", 1), ("batch_size", 1), ("workers", 0)):
+        value = getattr(args, flag)
+        if value is not None and value < low:
+            raise CliError(f"--{flag.replace('_', '-')} must be >= {low}, got {value}", 2)
+    if args.data_dir is not None:
+        if _recalibration_api() is None:
+            raise CliError(f"recalibration (--data-dir) is not available in timm-deprune {timm_deprune.__version__};"
+                           " prune without --data-dir and fine-tune the saved model separately")
+        if not args.data_dir.is_dir():
+            raise CliError(f"--data-dir {args.data_dir} is not a folder")
+    if args.input_size is not None and min(args.input_size) < 1:
+        raise CliError(f"--input-size must be three positive ints C H W, got {args.input_size}", 2)
+    for flag in ("num_classes", "in_chans"):
+        value = getattr(args, flag)
+        if value is not None and value < (0 if flag == "num_classes" else 1):
+            raise CliError(f"--{flag.replace('_', '-')} must be {'>= 0' if flag == 'num_classes' else '>= 1'},"
+                           f" got {value}", 2)
+    if not timm.is_model(args.model):
+        raise CliError(_unknown_model(args.model))
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        raise CliError(f"--checkpoint {args.checkpoint} is not a file")
+    out = args.output
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--output {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise CliError(f"output folder {out} is not empty; pass --overwrite to replace it, or choose another --output")
+
+
+def _unknown_model(name: str) -> str:
+    close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+    return f"unknown timm model {name!r}{hint}"
+
+
+def _create_kwargs(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in ("num_classes", "in_chans") if getattr(args, k) is not None}
+
+
+def _load_dense(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
+    """The dense model with the chosen weights, and the model-card facts about those weights."""
+    kwargs = _create_kwargs(args)
+    if args.random_init:
+        return timm.create_model(args.model, **kwargs), {"base_weights": "random init"}
+    if args.checkpoint is not None:
+        model = timm.create_model(args.model, **kwargs)
+        _load_checkpoint(model, args.checkpoint, args.model)
+        return model, {"base_weights": f"checkpoint: {args.checkpoint}"}
+    try:
+        cfg = timm.models.get_pretrained_cfg(args.model)
+    except RuntimeError as e:  # a tag the architecture does not have
+        raise CliError(f"{e} Pretrained tags: {', '.join(timm.list_pretrained(args.model.split('.')[0] + '.*'))}") from e
+    if cfg is None or not timm.models.is_model_pretrained(args.model) or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        raise CliError(f"timm has no pretrained weights for {args.model}; use --checkpoint PATH or --random-init")
+    source = cfg.hf_hub_id or cfg.url or cfg.file
+    try:
+        model = timm.create_model(args.model, pretrained=True, **kwargs)
+    except Exception as e:
+        cause = _network_cause(e)
+        if cause is None:
+            raise
+        raise CliError(f"cannot download the pretrained weights of {args.model} ({source}): {_why_offline(cause)};"
+                       " use --checkpoint PATH with local weights, or --random-init") from e
+    card = {"base_weights": f"timm pretrained: {source}"}
+    if cfg.hf_hub_id:
+        card["base_model"] = cfg.hf_hub_id
+    return model, card
+
+
+def _load_checkpoint(model: torch.nn.Module, path: Path, name: str) -> None:
+    """Load a dense state dict strictly, with one-line messages for every way it can fail to fit."""
+    from timm.models import load_state_dict
+
+    try:
+        state = load_state_dict(str(path), weights_only=True)  # .safetensors, or torch.load without code execution
+    except Exception as e:
+        raise CliError(f"cannot read checkpoint {path}: {' '.join(str(e).split()) or type(e).__name__} (a"
+                       " .safetensors file or a torch state dict is expected; pickled objects are refused)") from e
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k} {list(state[k].shape)} vs {list(v.shape)}" for k, v in own.items()
+                  if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or mismatched:
+        parts = [f"{label} {len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                 for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                     ("shape mismatches", mismatched)) if keys]
+        raise CliError(f"checkpoint {path} does not fit {name}: {'; '.join(parts)}. Pass --num-classes / --in-chans"
+                       " to match the checkpoint, or check the model name")
+    model.load_state_dict(state, strict=True)
+
+
+def _network_cause(exc: BaseException) -> Optional[BaseException]:
+    """The exception in ``exc``'s chain saying the network or the Hub could not be reached, if there is one."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    seen = set()
+    e: Optional[BaseException] = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        name = type(e).__name__
+        if (isinstance(e, (OfflineModeIsEnabled, socket.gaierror, socket.timeout, ConnectionError, TimeoutError))
+                or (isinstance(e, urllib.error.URLError) and not isinstance(e, urllib.error.HTTPError))
+                or "Connect" in name or "Timeout" in name):
+            return e
+        nxt = e.__cause__ or e.__context__
+        if nxt is None and isinstance(e, LocalEntryNotFoundError):  # offline without a chained cause
+            return e
+        e = nxt
+    return None
+
+
+def _why_offline(cause: BaseException) -> str:
+    from huggingface_hub import constants
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    if isinstance(cause, OfflineModeIsEnabled) or constants.is_offline_mode():
+        return "HF_HUB_OFFLINE is set and the files are not in the local cache"
+    return f"the network is unavailable ({type(cause).__name__}: {' '.join(str(cause).split())[:160]})"
+
+
+def _dw_sparsity(plan: PrunePlan) -> tuple[int, int]:
+    """(pruned, total) depth-wise taps over the pruned layers; removed dead channels count as pruned."""
+    pruned = total = 0
+    for d in plan.dw:
+        taps = (d.channels + d.dead_removed) * d.kernel_size[0] * d.kernel_size[1]
+        total += taps
+        pruned += round(d.achieved_ratio * taps)
+    return pruned, total
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def _files(folder: Path) -> list[str]:
+    return [f"  {p.name:<28} {_size(p.stat().st_size):>9}" for p in sorted(folder.iterdir()) if p.is_file()]
+
+
+def _load_line(folder: Path) -> str:
+    return f'import timm, timm_deprune; model = timm.create_model("local-dir:{folder}", pretrained=True)'
+
+
+def _cmd_prune(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    if args.output is None:
+        args.output = Path(f"{args.model.replace(':', '_').split('/')[-1]}.deprune")
+    args.output = args.output.expanduser().absolute()
+    _check_args(args)
+    config = _config(args)
+    recalibrate = args.data_dir is not None
+    steps = ["load", "prune"] + (["recalibrate"] if recalibrate else []) + ["save"]
+    steps += ["push"] if args.push_to_hub else []
+    # a step bar on a terminal only (disable=None), erased when done so an error stays the one line printed
+    with tqdm(total=len(steps), file=sys.stderr, disable=None, leave=False, dynamic_ncols=True,
+              bar_format="{desc}{bar:20} {n_fmt}/{total_fmt} [{elapsed}]") as bar:
+        bar.set_description(f"load {args.model}")
+        dense, card = _load_dense(args)
+        bar.update()
+        bar.set_description(f"prune ({config.method})")
+        size = _input_size(dense, args)
+        result = timm_deprune.prune(dense, config, input_size=size)
+        bar.update()
+        model = result.model
+        recal = None
+        if recalibrate:
+            bar.set_description(f"recalibrate on {args.data_dir}")
+            recal = _recalibrate(model, dense, args, card)
+            bar.update()
+        bar.set_description(f"save {args.output.name}")
+        folder = save_pretrained(model, args.output, overwrite=args.overwrite, card=card)
+        bar.update()
+        url = None
+        if args.push_to_hub:
+            bar.set_description(f"push {args.push_to_hub}")
+            url = _upload(folder, args.push_to_hub, private=args.private, token=args.token, after_save=True)
+            bar.update()
+        bar.set_description("done")
+
+    report = result.report
+    pruned, total = _dw_sparsity(result.plan)
+    print(report.table())
+    print()
+    print(f"{result.plan.arch or args.model} pruned with {config.method} ({card['base_weights']})")
+    print(f"  DW sparsity  {pruned / max(total, 1):.1%} of depth-wise taps pruned ({pruned}/{total},"
+          f" {len(result.plan.dw)} layers; target {args.dw_ratio})")
+    print(f"  PW channels  {len(result.plan.pw)} block-internal layers pruned (target {args.pw_ratio})")
+    print(f"  MACs         {report.macs_before / 1e6:.2f}M -> {report.macs_after / 1e6:.2f}M"
+          f" ({1 - report.macs_after / max(report.macs_before, 1):.1%} fewer) at input {list(report.input_size)}")
+    print(f"  params       {report.params_before / 1e6:.3f}M -> {report.params_after / 1e6:.3f}M"
+          f" ({1 - report.params_after / max(report.params_before, 1):.1%} fewer, non-zero)")
+    print(f"  masks        decided in {report.decide_seconds * 1e3:.1f} ms; dead DW channels removed"
+          f" {report.dead_channels_removed}, kept behind a gate {report.dead_channels_kept}")
+    for s in report.skipped:
+        print(f"  left dense   {s}")
+    if recal:
+        print(f"  recalibrated {recal}")
+    print(f"wrote {folder}:")
+    print("\n".join(_files(folder)))
+    if url:
+        print(f"pushed to {args.push_to_hub}: {url}")
+    print(f"load it with:  {_load_line(folder)}")
+    print(f"done in {time.perf_counter() - start:.1f} s")
+
+
+def _recalibration_api():
+    """``(recalibrate, RecalibrateConfig, create_loaders, evaluate)`` when this version has them, else None."""
+    api = tuple(getattr(timm_deprune, n, None) for n in ("recalibrate", "RecalibrateConfig", "create_loaders",
+                                                           "evaluate"))
+    return api if all(a is not None for a in api) else None
+
+
+def _recalibrate(model: torch.nn.Module, dense: torch.nn.Module, args: argparse.Namespace, card: dict) -> str:
+    """Fine-tune ``model`` in place with its masks held; adds the measured accuracy to ``card``; a summary line."""
+    recalibrate, RecalibrateConfig, create_loaders, evaluate = _recalibration_api()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    train, val = create_loaders(str(args.data_dir), model, batch_size=args.batch_size, num_workers=args.workers)
+    progress = sys.stderr.isatty()
+    result = recalibrate(model, train, RecalibrateConfig(epochs=args.epochs or 1, progress=progress),
+                         teacher=dense if args.distill else None)
+    line = (f"{result.steps} steps on {args.data_dir} ({device})" + (", distilled from the dense model"
+            if args.distill else "") + (f", last epoch loss {result.losses[-1]:.4f}" if result.losses else ""))
+    if val is not None:
+        acc = evaluate(model, val, progress=progress)
+        card["accuracy"] = {"top1": round(acc["top1"], 2), "top5": round(acc["top5"], 2),
+                            "evaluated on": f"{args.data_dir} validation split ({acc['samples']} images)"}
+        line += f"; validation top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}%"
+    model.cpu()
+    if args.distill:
+        dense.cpu()
+    return line
+
+
+def _input_size(model: torch.nn.Module, args: argparse.Namespace) -> tuple[int, int, int]:
+    if args.input_size is not None:
+        return tuple(args.input_size)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    c, h, w = cfg.get("input_size") or (3, 224, 224)
+    return (args.in_chans or c, h, w)
+
+
+# ---------------------------------------------------------------------------------------------------- push
+
+
+def _upload(folder: Path, repo: str, *, private: bool, token: Optional[str], after_save: bool = False) -> str:
+    """Upload a saved folder's files in ONE commit; the folder is uploaded as saved (its model card included)."""
+    api = _make_api(token)
+    try:
+        api.create_repo(repo, private=private, exist_ok=True, repo_type="model")
+        info = api.upload_folder(repo_id=repo, folder_path=str(folder), repo_type="model",
+                                 allow_patterns=list(FOLDER_FILES),
+                                 commit_message=f"Add DEPrune pruned model ({folder.name})")
+    except Exception as e:
+        cause = _network_cause(e)
+        if cause is None:
+            raise
+        later = f"; the model is saved in {folder}: push it later with `{PROG} push {folder} {repo}`"
+        raise CliError(f"cannot reach the Hugging Face Hub to push {repo}: {_why_offline(cause)}"
+                       + (later if after_save else "")) from e
+    return str(getattr(info, "commit_url", info))
+
+
+def _cmd_push(args: argparse.Namespace) -> None:
+    folder = args.folder.expanduser().absolute()
+    if not folder.is_dir():
+        raise CliError(f"{folder} is not a folder")
+    missing = [f for f in FOLDER_FILES if not (folder / f).is_file()]
+    if missing:
+        raise CliError(f"{folder} is not a timm-deprune model folder: missing {', '.join(missing)}")
+    from_pretrained(folder)  # strict load: never publish a folder that does not rebuild the model
+    url = _upload(folder, args.repo, private=args.private, token=args.token)
+    print(f"pushed {folder} to {args.repo}: {url}")
+    print(f'load it with:  import timm, timm_deprune; model = timm.create_model("hf-hub:{args.repo}",'
+          " pretrained=True)")
+
+
+# ---------------------------------------------------------------------------------------------------- info
+
+
+def _resolve_folder(source: str) -> tuple[Path, str]:
+    """A local folder, or the cached snapshot folder of a Hub repo (downloading config.json if not cached)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path.absolute(), f"local-dir:{path.absolute()}"
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise CliError(f"no model folder {source!r}, and it is not a Hub repo id (org/name)")
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(source, "config.json")
+    if not isinstance(cached, str):
+        try:
+            cached = hf_hub_download(source, "config.json")
+        except Exception as e:
+            cause = _network_cause(e)
+            if cause is None:
+                raise CliError(f"cannot read config.json of Hub repo {source}: {' '.join(str(e).split())}") from e
+            raise CliError(f"Hub repo {source} is not in the local cache and the Hub cannot be reached:"
+                           f" {_why_offline(cause)}") from e
+    return Path(cached).parent, f"hf-hub:{source}"
+
+
+def _cmd_info(args: argparse.Namespace) -> None:
+    folder, name = _resolve_folder(args.source)
+    if not (folder / "config.json").is_file():
+        raise CliError(f"{folder} has no config.json: not a timm model folder")
+    config = read_config(folder)
+    plan_dict = (config.get("model_args") or {}).get("deprune")
+    if plan_dict is None:
+        raise CliError(f"{folder}/config.json has no DEPrune plan (model_args.deprune): not a timm-deprune model")
+    plan = PrunePlan.from_dict(plan_dict)
+    args_ = config.get("model_args") or {}
+    arch = config.get("architecture") or plan.arch
+    print(f"source        {name}")
+    print(f"architecture  {arch} (num_classes {config.get('num_classes')}, in_chans {args_.get('in_chans', 3)})")
+    print(f"method        {_method(plan.config)}: {_config_str(plan.config)}")
+    pruned, total = _dw_sparsity(plan)
+    print(f"plan          format version {plan.format_version}; {len(plan.dw)} depth-wise layers pruned"
+          f" ({pruned / max(total, 1):.1%} of their taps), {len(plan.pw)} point-wise layers with channels removed")
+    stats = plan.extra.get("stats") or {}
+    if stats:
+        print(f"cost          MACs {stats['macs_before'] / 1e6:.2f}M -> {stats['macs_after'] / 1e6:.2f}M, params"
+              f" {stats['params_before'] / 1e6:.3f}M -> {stats['params_after'] / 1e6:.3f}M at input"
+              f" {stats.get('input_size')}; masks decided in {stats.get('decide_seconds', 0) * 1e3:.1f} ms")
+    masks_path = folder / MASKS_FILE
+    if masks_path.is_file():
+        masks = load_masks(masks_path)
+        kept = sum(int(m.sum()) for m in masks.values())
+        print(f"masks         {len(masks)} layers, {kept}/{sum(m.numel() for m in masks.values())} taps kept")
+    print()
+    head = (f"{'depth-wise layer':<34} {'kernel':>6} {'ch':>5} {'dead':>4} {'target':>6} {'achvd':>6}"
+            f" {'minG':>5} {'maxG':>5} {'al':>2}")
+    print(head)
+    print("-" * len(head))
+    for d in plan.dw:
+        print(f"{d.path[-34:]:<34} {f'{d.kernel_size[0]}x{d.kernel_size[1]}':>6} {d.channels:>5} {d.dead_removed:>4}"
+              f" {d.target_ratio:>6.2f} {d.achieved_ratio:>6.3f} {d.min_group_ratio:>5.2f} {d.max_group_ratio:>5.2f}"
+              f" {'y' if d.aligned else 'n':>2}")
+    if plan.pw:
+        print()
+        head = f"{'point-wise producer':<34} {'consumer':<28} {'channels':>10}"
+        print(head)
+        print("-" * len(head))
+        for p in plan.pw:
+            print(f"{p.producer[-34:]:<34} {p.consumer[-28:]:<28} {f'{p.channels_before}>{p.channels}':>10}")
+    print()
+    print(f"files in {folder}:")
+    print("\n".join(_files(folder)))
+    missing = [f for f in FOLDER_FILES if not (folder / f).is_file()]
+    if missing:
+        print(f"  missing: {', '.join(missing)}" + (" (not in the local cache)" if name.startswith("hf-hub:") else ""))
+    print(f'load it with:  import timm, timm_deprune; model = timm.create_model("{name}", pretrained=True)')
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
