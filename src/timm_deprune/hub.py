@@ -131,18 +131,21 @@ def save_pretrained(model: nn.Module, save_directory: Union[str, Path], *, overw
 
 def _replace_dir(src: Path, dst: Path) -> None:
     """Move folder ``src`` to ``dst``, replacing ``dst`` (renames only: never a half-written ``dst``)."""
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-        os.replace(dst, old / "x")
-        try:
-            os.replace(src, dst)
-        except BaseException:
-            os.replace(old / "x", dst)
-            raise
-        finally:
-            shutil.rmtree(old, ignore_errors=True)
-    else:
+    if not dst.exists():
         os.replace(src, dst)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+    os.replace(dst, old / "x")
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        try:
+            os.replace(old / "x", dst)
+        except BaseException as e:  # never delete the only copy of the previous folder
+            raise OSError(f"could not replace {dst} nor put the previous folder back: it is kept in {old / 'x'}") from e
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def push_to_hub(model: nn.Module, repo_id: str, *, private: bool = False, token: Optional[str] = None,
@@ -151,16 +154,17 @@ def push_to_hub(model: nn.Module, repo_id: str, *, private: bool = False, token:
     """Push a pruned model to the Hugging Face Hub in ONE commit (``upload_folder`` of a saved temp folder).
 
     Returns the commit URL. ``api`` defaults to ``huggingface_hub.HfApi(token=token)``.
+    The folder is written before the Hub is touched: a model that cannot be saved creates no repo.
     """
-    if api is None:
-        from huggingface_hub import HfApi
-
-        from . import __version__
-
-        api = HfApi(token=token, library_name="timm-deprune", library_version=__version__)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     with tempfile.TemporaryDirectory(prefix="deprune-push-") as tmp:
         folder = save_pretrained(model, Path(tmp) / "model", card=card)
+        if api is None:
+            from huggingface_hub import HfApi
+
+            from . import __version__
+
+            api = HfApi(token=token, library_name="timm-deprune", library_version=__version__)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
                                  revision=revision, repo_type="model")
     return str(getattr(info, "commit_url", info))

@@ -189,16 +189,33 @@ def _build(model: nn.Module, pending: _Pending) -> nn.Module:
         masks_file, where = folder / MASKS_FILE, str(folder)
         if pending.pretrained and not (folder / WEIGHTS_FILE).is_file():
             raise FileNotFoundError(f"{folder} has no {WEIGHTS_FILE}: DEPrune models load safetensors weights only")
+        weights_file = folder / WEIGHTS_FILE if pending.pretrained else None
     else:
         repo = cfg.get("hf_hub_id")
         if not repo:
             raise ValueError(f"{pending.arch}: a DEPrune plan without a source (local-dir or hf-hub) to read masks from")
         masks_file, where = _hub_file(repo, MASKS_FILE), repo
+        weights_name = cfg.get("hf_hub_filename") or WEIGHTS_FILE
+        weights_file = _hub_file(repo, weights_name) if pending.pretrained and weights_name.endswith(".safetensors") \
+            else None
+    if weights_file is not None:
+        _check_weights(weights_file)  # timm's own error for a truncated file names neither the file nor the model
     masks = load_masks(masks_file)
     check_masks(plan, masks, where)
     apply_plan(model, plan, masks)
     model.deprune_plan = plan
     return model
+
+
+def _check_weights(path) -> None:
+    """A truncated or corrupted weights file raises ``ValueError`` naming it (before timm tries to load it)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # safetensors raises its own error types for a bad header or a truncated file
+        raise ValueError(f"cannot read DEPrune weights file {path}: {e}") from e
 
 
 def _hub_file(repo: str, filename: str) -> str:
