@@ -6,6 +6,7 @@ from .config import DepruneConfig
 from .hub import from_pretrained, push_to_hub, save_pretrained
 from .layers import MaskedConv2d, MaskedConv2dSame, fold_batchnorm, masked_convs, set_execution, to_masked
 from .ops import sparse_dwconv2d
+from .optimize import optimize_for_inference
 from .plan import PrunePlan, apply_plan
 from .prune import PruneResult, UnsupportedModelError, prune
 from .recalibrate import RecalibrateConfig, create_loaders, evaluate, recalibrate, recalibrate_bn
@@ -24,7 +25,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree that was ne
 __all__ = [
     "prune", "DepruneConfig", "PruneResult", "PrunePlan", "PruneReport", "apply_plan", "UnsupportedModelError",
     "save_pretrained", "push_to_hub", "from_pretrained",
-    "recalibrate", "RecalibrateConfig", "recalibrate_bn", "evaluate", "create_loaders",
+    "optimize_for_inference", "recalibrate", "RecalibrateConfig", "recalibrate_bn", "evaluate", "create_loaders",
     "MaskedConv2d", "MaskedConv2dSame", "to_masked", "set_execution", "masked_convs", "fold_batchnorm",
     "SparseDWPlan", "build_plan", "sparse_dwconv2d", "backend_available", "__version__",
 ]

@@ -49,6 +49,11 @@ _warned_no_backend = False  # "auto" warns once per process when the native back
 _cuda_compiled: Optional[bool] = None  # whether timm_deprune._C has CUDA kernels (constant per process)
 
 _NO_BACKEND = "the native backend timm_deprune._C is not available"
+# The sparse kernel's fused epilogues (ops.ACTIVATIONS) and their dense equivalents; gelu is the exact erf form.
+_ACT_FNS = {"identity": lambda y: y, "relu": torch.relu, "relu6": nn.functional.relu6, "silu": nn.functional.silu,
+            "hardswish": nn.functional.hardswish, "gelu": nn.functional.gelu}
+_ACT_MODULES = {"identity": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU,
+                "hardswish": nn.Hardswish, "gelu": nn.GELU}
 
 
 def _has_cuda_kernels() -> bool:
@@ -180,6 +185,7 @@ class MaskedConv2d(nn.Conv2d):
             mask = torch.ones(self.weight.shape[0], *self.weight.shape[2:], dtype=torch.bool, device=self.weight.device)
         self.register_buffer("mask", _prepare_mask(mask, self.weight), persistent=False)
         self._execution = "auto"
+        self._activation = "identity"
         self.invalidate_plan()
         self._zero_pruned()
 
@@ -194,6 +200,22 @@ class MaskedConv2d(nn.Conv2d):
         if mode not in EXECUTION_MODES:
             raise ValueError(f"execution must be one of {list(EXECUTION_MODES)}, got {mode!r}")
         self._execution = mode
+
+    @property
+    def activation(self) -> str:
+        """Activation fused after the conv (and its bias): applied in every path, in the sparse kernel's epilogue."""
+        return getattr(self, "_activation", "identity")
+
+    @activation.setter
+    def activation(self, name: str) -> None:
+        if name not in _ACT_FNS:
+            raise ValueError(f"activation must be one of {sorted(_ACT_FNS)}, got {name!r}")
+        self._activation = name
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._dense_forward(x, self.masked_weight())
+        act = self.activation
+        return y if act == "identity" else _ACT_FNS[act](y)
 
     @property
     def keep_ratio(self) -> float:
@@ -223,6 +245,8 @@ class MaskedConv2d(nn.Conv2d):
         text = f"{super().extra_repr()}, keep_ratio={self.keep_ratio:.3f}"
         if self._execution != "auto":
             text += f", execution={self._execution!r}"
+        if self.activation != "identity":
+            text += f", activation={self.activation!r}"
         return text
 
     # --------------------------------------------------------------------------------------------------- the plan
@@ -355,13 +379,13 @@ class MaskedConv2d(nn.Conv2d):
         return None
 
     def _sparse_forward(self, x: torch.Tensor, plan: SparseDWPlan) -> torch.Tensor:
-        return sparse_dwconv2d(x, plan, self._plan_bias, "identity", self.stride, self._sparse_padding(),
+        return sparse_dwconv2d(x, plan, self._plan_bias, self.activation, self.stride, self._sparse_padding(),
                                self.dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Masked dense conv in training mode or ``execution="dense"``; otherwise the sparse kernel when possible."""
         if self.training or self._execution == "dense":
-            return self._dense_forward(x, self.masked_weight())
+            return self._dense(x)
         if torch.compiler.is_compiling():
             return self._compiled_forward(x)
         reason = self._sparse_blocker(x)
@@ -372,7 +396,7 @@ class MaskedConv2d(nn.Conv2d):
                                " (falls back to the masked dense conv) or 'dense'")
         if reason is _NO_BACKEND:
             _warn_no_backend()
-        return self._dense_forward(x, self.masked_weight())
+        return self._dense(x)
 
     def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
         # Traced by torch.compile: no version counters, data pointers or backend probing here. A cached plan
@@ -385,7 +409,7 @@ class MaskedConv2d(nn.Conv2d):
                 "execution='sparse' under torch.compile needs a cached kernel plan for this input: call"
                 " module.sparse_plan() (or run one eager forward under torch.no_grad()) before compiling"
             )
-        return self._dense_forward(x, self.masked_weight())
+        return self._dense(x)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
@@ -414,6 +438,8 @@ class MaskedConv2d(nn.Conv2d):
             if self.bias is not None:
                 conv.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
         conv.train(self.training)
+        if self.activation != "identity":  # the fused activation comes back as its own module
+            return nn.Sequential(conv, _ACT_MODULES[self.activation]()).train(self.training)
         return conv
 
 

@@ -1,0 +1,159 @@
+"""``optimize_for_inference``: fold every BatchNorm into the conv before it and fuse activations into the
+sparse depth-wise kernel's epilogue, so a pruned model runs with fewer memory passes."""
+from __future__ import annotations
+
+import copy
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from timm.layers import MixedConv2d
+
+from .layers import MaskedConv2d, fold_batchnorm
+from .pw import slice_channels
+
+__all__ = ["optimize_for_inference", "fold_all_batchnorms"]
+
+# Module types whose forward is exactly one of the sparse kernel's fused activations (ops.ACTIVATIONS).
+_FUSABLE = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish", nn.Identity: "identity"}
+
+
+def _activation_name(m: nn.Module) -> Optional[str]:
+    for cls, name in _FUSABLE.items():
+        if type(m) is cls:
+            return name
+    if type(m) is nn.GELU and m.approximate == "none":
+        return "gelu"
+    qual = f"{type(m).__module__}.{type(m).__qualname__}"
+    return {"timm.layers.activations.Swish": "silu", "timm.layers.activations.HardSwish": "hardswish",
+            "timm.layers.activations.GELU": "gelu"}.get(qual)
+
+
+def _conv_bn_pairs(model: nn.Module, input_size: Sequence[int]) -> list[tuple[str, str]]:
+    """(conv path, BN path) where the BN's only module input is exactly that conv's output tensor.
+
+    Found by tracing one forward pass: tensor identity, not module order, decides (outputs are kept alive so ids are
+    not reused). A conv output that a second module also reads is not folded.
+    """
+    outputs: dict[int, str] = {}
+    readers: dict[int, list[str]] = {}
+    keep: list[torch.Tensor] = []
+    hooks = []
+
+    def conv_hook(path):
+        def fn(m, inputs, out):
+            if isinstance(out, torch.Tensor):
+                outputs[id(out)] = path
+                keep.append(out)
+        return fn
+
+    def reader_hook(path):
+        def fn(m, inputs):
+            for t in inputs:
+                if isinstance(t, torch.Tensor):
+                    readers.setdefault(id(t), []).append(path)
+                    keep.append(t)  # alive until the end, so its id is never reused by a conv output
+        return fn
+
+    for path, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, MixedConv2d)):
+            hooks.append(m.register_forward_hook(conv_hook(path)))
+        if path:
+            hooks.append(m.register_forward_pre_hook(reader_hook(path)))
+    try:
+        p = next(model.parameters())
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size, dtype=p.dtype, device=p.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    pairs = []
+    for tid, conv_path in outputs.items():
+        rd = readers.get(tid, [])
+        # the BN may be read through containers that only pass the tensor on; require exactly one BN reader
+        bns = [r for r in rd if isinstance(model.get_submodule(r), nn.BatchNorm2d)]
+        others = [r for r in rd if r not in bns and not any(b.startswith(r + ".") for b in bns)]
+        if len(bns) == 1 and not others:
+            pairs.append((conv_path, bns[0]))
+    return pairs
+
+
+def _set(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
+@torch.no_grad()
+def fold_all_batchnorms(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> dict[str, int]:
+    """Fold every BN that directly follows a conv into it (in place, eval semantics); fuse the activation of a
+    BatchNormAct2d into a masked depth-wise conv when the sparse kernel has it. Returns counts."""
+    folded = fused = 0
+    for conv_path, bn_path in _conv_bn_pairs(model, input_size):
+        conv, bn = model.get_submodule(conv_path), model.get_submodule(bn_path)
+        if bn.running_mean is None:
+            continue
+        if isinstance(conv, MixedConv2d):  # its sub-convs' outputs are concatenated: each folds its BN slice
+            start, convs = 0, list(conv.values())
+            for sub in convs:
+                part = copy.deepcopy(bn)
+                slice_channels(part, torch.arange(start, start + sub.out_channels))
+                fold_batchnorm(sub, part)
+                start += sub.out_channels
+        else:
+            fold_batchnorm(conv, bn)
+        folded += 1
+        act = getattr(bn, "act", None)
+        drop = getattr(bn, "drop", None)
+        tail: list[nn.Module] = [m for m in (drop, act) if m is not None and not isinstance(m, nn.Identity)]
+        name = _activation_name(act) if act is not None else "identity"
+        targets = list(conv.values()) if isinstance(conv, MixedConv2d) else [conv]
+        if all(isinstance(c, MaskedConv2d) and c.activation == "identity" for c in targets) and name is not None and (
+                drop is None or isinstance(drop, nn.Identity)):
+            for c in targets:
+                c.activation = name
+            fused += name != "identity"
+            tail = []
+        _set(model, bn_path, nn.Sequential(*tail) if len(tail) > 1 else (tail[0] if tail else nn.Identity()))
+    return {"folded": folded, "fused_activations": fused}
+
+
+def optimize_for_inference(model: nn.Module, *, inplace: bool = False, channels_last: bool = False,
+                           compile: bool = False, input_size: Optional[Sequence[int]] = None,
+                           check: bool = True) -> nn.Module:
+    """An eval-mode copy of ``model`` with BatchNorms folded into convs and activations fused into the sparse
+    depth-wise kernel's epilogue (exact up to fp32 rounding).
+
+    Args:
+        model: a pruned (or dense) model.
+        inplace: modify ``model`` itself.
+        channels_last: convert to channels_last memory format (our CPU kernel is fastest in NCHW with per-channel
+            taps; channels_last pays with block-shared taps and on CUDA).
+        compile: wrap in ``torch.compile`` (the sparse op is a registered custom op, so it stays in the graph).
+        input_size: ``(C, H, W)`` of the trace that finds conv -> BN pairs; default the model's pretrained_cfg.
+        check: compare the result with the original on a random input and raise if they differ (rel. > 1e-4).
+    """
+    original = model
+    model = model if inplace else copy.deepcopy(model)
+    model.eval()
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = tuple(input_size or cfg.get("input_size") or (3, 224, 224))
+    reference = None
+    if check:
+        x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0)).to(next(model.parameters()).device)
+        with torch.no_grad():
+            reference = (original if not inplace else model).eval()(x).float()
+    stats = fold_all_batchnorms(model, size)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if reference is not None:
+        with torch.no_grad():
+            out = model(x.to(memory_format=torch.channels_last) if channels_last else x).float()
+        err = float((out - reference).norm() / reference.norm().clamp_min(1e-12))
+        if not err < 1e-4:
+            raise RuntimeError(f"optimize_for_inference changed the model's output (rel. error {err:.2e}); a conv"
+                               " output is probably also read by a functional op. Please report the model.")
+    model.deprune_inference_stats = stats
+    if compile:
+        model = torch.compile(model)
+    return model

@@ -1,0 +1,68 @@
+"""optimize_for_inference: BN folded, activations fused into the sparse kernel, outputs unchanged."""
+import pytest
+import timm
+import torch
+
+from timm_deprune import DepruneConfig, MaskedConv2d, masked_convs, optimize_for_inference, prune, set_execution
+
+FAMILIES = ["mobilenetv2_050", "efficientnet_b0", "mobilenetv3_small_050", "tf_efficientnet_lite0", "mixnet_s",
+            "mobilenetv4_conv_small", "ghostnet_050", "rexnet_100", "lcnet_050", "fbnetc_100", "convnext_atto"]
+
+
+def _bn_count(model) -> int:
+    return sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_optimized_model_matches_and_has_no_batchnorm(name, gen):
+    torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
+    model = timm.create_model(name).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+    res = prune(model, DepruneConfig.deprune_bh(dw_ratio=0.71, pw_ratio=0.3), input_size=(3, 64, 64))
+    opt = optimize_for_inference(res.model, input_size=(3, 64, 64))
+    assert opt is not res.model and _bn_count(res.model) > 0 or name == "convnext_atto"
+    assert _bn_count(opt) == 0  # every BN of these families follows a conv
+    x = torch.randn(2, 3, 64, 64, generator=gen)
+    with torch.no_grad():
+        ref = res.model.eval()(x)
+        set_execution(opt, "sparse")
+        out = opt(x)
+    assert float((out - ref).norm() / ref.norm()) < 1e-5
+    fused = [m.activation for _, m in masked_convs(opt) if m.activation != "identity"]
+    if name in ("mobilenetv2_050", "efficientnet_b0", "tf_efficientnet_lite0", "mixnet_s"):
+        assert len(fused) == len(list(masked_convs(opt)))  # every DW conv's BN + act went into the kernel
+    for path, mask in res.masks.items():  # pruned taps stay exactly zero after folding
+        assert (opt.get_submodule(path).weight.detach()[:, 0][~mask] == 0).all()
+
+
+def test_fused_activation_is_kept_by_every_path(gen):
+    conv = torch.nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=True)
+    from timm_deprune import to_masked
+    m = to_masked(conv, torch.rand(32, 3, 3, generator=gen) > 0.5).eval()
+    m.activation = "relu6"
+    x = torch.randn(2, 32, 9, 9, generator=gen) * 4
+    ref = torch.nn.functional.relu6(torch.nn.functional.conv2d(x, m.masked_weight(), m.bias, padding=1, groups=32))
+    with torch.no_grad():
+        for mode in ("sparse", "dense"):
+            m.execution = mode
+            torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
+        fused = m.fuse()
+        torch.testing.assert_close(fused(x), ref, rtol=1e-5, atol=1e-5)
+    m.train()
+    torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
+    assert "activation='relu6'" in repr(m)
+    with pytest.raises(ValueError, match="activation must be one of .* got 'tanh'"):
+        m.activation = "tanh"
+    assert isinstance(m, MaskedConv2d)
+
+
+def test_optimize_options(gen):
+    res = prune(timm.create_model("mobilenetv2_050"), DepruneConfig.deprune_bh(dw_ratio=0.5), input_size=(3, 64, 64))
+    same = optimize_for_inference(res.model, inplace=True, channels_last=True, input_size=(3, 64, 64))
+    assert same is res.model and not same.training
+    assert same.deprune_inference_stats["folded"] > 0
