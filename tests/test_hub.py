@@ -373,6 +373,25 @@ def test_tag_without_weights_builds_the_pruned_structure(tag_model):
     assert y.shape == (2, 1000) and torch.isfinite(y).all()
 
 
+def test_tag_structure_takes_its_masks_from_a_pruned_checkpoint(tag_model, tmp_path):
+    """ARCH.deprune + checkpoint_path=: the random-init masks of the structure must not zero the checkpoint's
+    kept taps; the checkpoint's zero taps become the masks."""
+    from safetensors.torch import save_file
+
+    ckpt = tmp_path / "pruned.safetensors"
+    save_file({k: v.contiguous() for k, v in tag_model.state_dict().items()}, str(ckpt))
+    torch.manual_seed(1)  # a different random init: different masks before loading
+    before = timm.create_model("mobilenetv2_100.deprune")
+    assert any(not torch.equal(a.mask, b.mask) for (_, a), (_, b) in zip(masked_convs(before), masked_convs(tag_model)))
+    torch.manual_seed(1)
+    loaded = timm.create_model("mobilenetv2_100.deprune", checkpoint_path=str(ckpt)).eval()
+    assert_same_masks(loaded, tag_model)
+    assert_same(outputs(loaded, batch()), outputs(tag_model, batch()))
+    # a second load is an ordinary one again: masks stay, pruned taps are zeroed
+    loaded.load_state_dict(timm.create_model("mobilenetv2_100.deprune").state_dict())
+    assert_same_masks(loaded, tag_model)
+
+
 def test_registry_keeps_timm_defaults_and_its_own_pruned_models():
     paper = {"mobilenetv2_100.deprune", "mobilenetv3_small_100.deprune", "mobilenetv3_large_100.deprune",
              "efficientnet_b0.deprune"}

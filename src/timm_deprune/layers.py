@@ -416,7 +416,12 @@ class MaskedConv2d(nn.Conv2d):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if tuple(self.weight.shape[:1] + self.weight.shape[2:]) == tuple(self.mask.shape):
-            self._zero_pruned()  # a dense checkpoint loaded into a pruned layer: keep pruned taps at zero
+            if getattr(self, "_mask_from_weights", False):
+                # a structure-only build (ARCH.deprune, pretrained=False): the checkpoint's zero taps are its mask
+                self._mask_from_weights = False
+                self.set_mask(self.weight.detach()[:, 0] != 0)
+            else:
+                self._zero_pruned()  # a dense checkpoint loaded into a pruned layer: keep pruned taps at zero
 
     # ------------------------------------------------------------------------------------------------------- fuse
     def _plain_conv(self) -> nn.Conv2d:

@@ -177,6 +177,11 @@ def _build(model: nn.Module, pending: _Pending) -> nn.Module:
     if pending.plan is None and not pending.pretrained:
         # ARCH.deprune without weights: the tag's config on the random init gives the pruned structure.
         result = prune(model, default_config(), inplace=True, input_size=cfg.get("input_size"))
+        for m in result.model.modules():
+            if hasattr(m, "mask"):
+                # masks of a random init mean nothing: a checkpoint loaded next (checkpoint_path=) brings its own,
+                # read from its zero taps, instead of having its kept taps zeroed by these
+                m._mask_from_weights = True
         return result.model
     if pending.plan is None:
         # ARCH.deprune with weights: the plan is in the published config.json
