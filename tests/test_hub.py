@@ -160,13 +160,7 @@ class NetworkAccess(RuntimeError):
     """Raised by the offline guard (not an OSError, so no client retries it as a flaky connection)."""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models at 64x64: on a busy machine extra intra-op threads only stall (3x slower on 2 shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

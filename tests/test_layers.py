@@ -104,13 +104,7 @@ def masked_layer(gen: torch.Generator, c: int = 16, same: bool = False, bias: bo
     return to_masked(make_conv(case, gen), mask), mask
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny layers: extra threads only stall on a busy machine (the kernels' threading is tested elsewhere)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

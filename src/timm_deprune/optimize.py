@@ -11,6 +11,7 @@ from torch import nn
 from timm.layers import MixedConv2d
 
 from .layers import MaskedConv2d, fold_batchnorm
+from .plan import _set_module
 from .pw import slice_channels
 
 __all__ = ["optimize_for_inference", "fold_all_batchnorms"]
@@ -79,11 +80,6 @@ def _conv_bn_pairs(model: nn.Module, input_size: Sequence[int]) -> list[tuple[st
     return pairs
 
 
-def _set(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, name, module)
-
-
 @torch.no_grad()
 def fold_all_batchnorms(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> dict[str, int]:
     """Fold every BN that directly follows a conv into it (in place, eval semantics); fuse the activation of a
@@ -114,7 +110,7 @@ def fold_all_batchnorms(model: nn.Module, input_size: Sequence[int] = (3, 224, 2
                 c.activation = name
             fused += name != "identity"
             tail = []
-        _set(model, bn_path, nn.Sequential(*tail) if len(tail) > 1 else (tail[0] if tail else nn.Identity()))
+        _set_module(model, bn_path, nn.Sequential(*tail) if len(tail) > 1 else (tail[0] if tail else nn.Identity()))
     return {"folded": folded, "fused_activations": fused}
 
 

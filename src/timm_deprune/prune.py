@@ -12,7 +12,7 @@ from torch import nn
 from timm.layers import Conv2dSame, MixedConv2d
 
 from .config import DepruneConfig, resolve_ratios
-from .dw import DWSelection, select_dw_taps
+from .dw import select_dw_taps
 from .plan import DWLayerPlan, PrunePlan, PWLayerPlan, apply_pw, _set_module
 from .pw import (bn_scale, filter_scores, find_channel_groups, group_splits, is_depthwise,
                  kept_pw_count, select_pw_channels)
@@ -194,7 +194,6 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
     dw_plans: list[DWLayerPlan] = []
     pw_dead: dict[str, tuple[int, ...]] = {}
     dead_removed = dead_kept = 0
-    selections: dict[str, DWSelection] = {}
     for path, conv in dws:
         ratio = dw_ratios.get(path, 0.0)
         if ratio <= 0.0:
@@ -223,7 +222,6 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
         dead_kept += len(sel.dead_channels)
         k = conv.kernel_size[0] * conv.kernel_size[1]
         pruned = sum(sel.group_pruned) + removed * k
-        selections[path] = sel
         masks[path] = sel.mask
         dw_plans.append(DWLayerPlan(
             path=path, channels=conv.out_channels, kernel_size=tuple(conv.kernel_size), target_ratio=ratio,
