@@ -168,10 +168,22 @@ def test_pretrained_without_network_is_one_clear_line(tmp_path, monkeypatch):
     (["--method", "deprune-b", "--align", "over"], ["--align over", "deprune-bh"], 2),
     (["--method", "deprune-bh", "--align", "none"], ["align", "'none'"], 2),
     (["--epochs", "3"], ["--data-dir"], 2),
-], ids=["dw-ratio", "pw-ratio", "align-without-bh", "bh-align-none", "epochs-without-data"])
+    (["--granularity", "block:5"], ["granularity 'block:5'", "must divide group"], 2),
+], ids=["dw-ratio", "pw-ratio", "align-without-bh", "bh-align-none", "epochs-without-data", "granularity"])
 def test_bad_options_are_one_line(tmp_path, argv, needles, exit_code):
     code, _, err = run("prune", MODEL, "--random-init", "--output", str(tmp_path / "o"), *argv)
     assert_one_line_error(code, err, *needles, exit_code=exit_code)
+
+
+def test_block_granularity_is_recorded_and_masks_share_taps(tmp_path):
+    folder = tmp_path / "o"
+    code, _, err = run("prune", MODEL, "--random-init", *SMALL, "--granularity", "block:8", "--output", str(folder))
+    assert code == 0, err
+    model = timm_deprune.from_pretrained(folder)
+    assert model.deprune_plan.config["granularity"] == "block:8"
+    for _, conv in timm_deprune.masked_convs(model):
+        mask = conv.mask.reshape(conv.out_channels, -1)
+        assert all(bool((mask[b:b + 8] == mask[b]).all()) for b in range(0, conv.out_channels, 8))
 
 
 def test_unknown_model_suggests_names(tmp_path):

@@ -112,6 +112,46 @@ def test_selection_properties_hold_for_random_layers(c, k, ratio, balance, align
                 assert p % 32 == 0
 
 
+@settings(max_examples=60, deadline=None)
+@given(c=st.integers(1, 130), k=st.sampled_from([(3, 3), (5, 5), (1, 9)]), block=st.sampled_from([2, 4, 8, 16, 32]),
+       ratio=st.floats(0.0, 0.95), balance=st.booleans(), align=st.sampled_from(["none", "under", "over"]),
+       seed=st.integers(0, 2 ** 31 - 1))
+def test_block_granularity_shares_taps_per_block_and_keeps_bwt_hsr(c, k, block, ratio, balance, align, seed):
+    scores = torch.rand(c, *k, generator=torch.Generator().manual_seed(seed))
+    sel = select_dw_taps(scores, ratio, balance=balance, align=align, block=block)
+    flat = sel.mask.reshape(c, -1)
+    for b0 in range(0, c, block):  # one pattern per block of consecutive channels
+        assert (flat[b0:b0 + block] == flat[b0]).all()
+    nb = -(-c // block)
+    block_scores = torch.stack([scores[b0:b0 + block].reshape(-1, k[0] * k[1]).mean(0) for b0 in range(0, c, block)])
+    block_mask = flat[::block]
+    assert sum(sel.group_pruned) == int((~sel.mask).sum())
+    full_groups = c // 32
+    for g in range(-(-c // 32)):
+        rows = slice(g * 32 // block, min((g + 1) * 32 // block, nb))
+        if balance or align != "none":  # ranking within the group, on block scores
+            assert _threshold_holds(block_scores[rows], block_mask[rows])
+        if align != "none" and (g < full_groups or c % block == 0):
+            assert sel.group_pruned[g] % 32 == 0, sel.group_pruned  # HSR: whole tiles of columns
+    if not balance and align == "none":
+        assert _threshold_holds(block_scores, block_mask)
+    if balance:
+        assert len(set(sel.group_pruned[:full_groups])) <= 1
+
+
+def test_block_one_is_element_granularity(gen):
+    scores = torch.rand(70, 3, 3, generator=gen)
+    for balance, align in [(False, "none"), (True, "none"), (True, "under")]:
+        a = select_dw_taps(scores, 0.71, balance=balance, align=align)
+        b = select_dw_taps(scores, 0.71, balance=balance, align=align, block=1)
+        assert torch.equal(a.mask, b.mask)
+
+
+def test_block_granularity_rejects_blocks_that_split_groups():
+    with pytest.raises(ValueError, match=r"block size 12 must divide group \(32\) and tile \(32\)"):
+        select_dw_taps(torch.rand(64, 3, 3), 0.5, balance=True, block=12)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"ratio": 1.0}, r"ratio must be in \[0, 1\), got 1.0"),
     ({"ratio": -0.1}, r"got -0.1"),
@@ -151,6 +191,9 @@ def test_presets_name_the_paper_methods():
     ({"importance": "taylor"}, r"importance must be one of .* got 'taylor'"),
     ({"min_keep": 0}, r"min_keep must be a positive int, got 0"),
     ({"ignore": [3]}, r"ignore must be module path globs"),
+    ({"granularity": "channel"}, r"granularity must be 'element' or 'block:N' .* got 'channel'"),
+    ({"granularity": "block:0"}, r"got 'block:0'"),
+    ({"granularity": "block:12"}, r"granularity 'block:12': the block size must divide group \(32\) and tile"),
 ])
 def test_config_rejects_bad_values_naming_them(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -158,7 +201,8 @@ def test_config_rejects_bad_values_naming_them(kwargs, match):
 
 
 def test_config_round_trips_through_dict():
-    cfg = DepruneConfig.deprune_bh(dw_ratio={"blocks.1.*": 0.5, "*": 0.71}, pw_ratio=0.3, ignore=("conv_stem",))
+    cfg = DepruneConfig.deprune_bh(dw_ratio={"blocks.1.*": 0.5, "*": 0.71}, pw_ratio=0.3, ignore=("conv_stem",),
+                                   granularity="block:8")
     again = DepruneConfig.from_dict(cfg.to_dict())
     assert again == cfg
     with pytest.raises(ValueError, match=r"unknown DepruneConfig keys \['ratio'\]"):

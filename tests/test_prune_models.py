@@ -80,8 +80,9 @@ def _check_pruned(name, model, cfg, gen):
         full = d.channels // group
         if cfg.balance:
             assert len(set(pruned[:full])) <= 1, (name, d.path, pruned)  # BWT: equal in every full group
-        if cfg.align != "none":
-            assert all(p % tile == 0 for p in pruned), (name, d.path, pruned)  # HSR: whole tiles
+        if cfg.align != "none":  # HSR: whole tiles (with block granularity: in groups made of whole blocks)
+            whole = len(pruned) if d.channels % cfg.block == 0 else full
+            assert all(p % tile == 0 for p in pruned[:whole]), (name, d.path, pruned)
         # every group is within one tile of its target, so the layer is within (groups * tile) taps
         groups = -(-d.channels // group)
         assert abs(d.achieved_ratio - d.target_ratio) <= groups * tile / (d.channels * k) + 1e-9, (name, d)
@@ -122,7 +123,8 @@ def test_unsupported_family_raises_clearly(name, gen):
     DepruneConfig.deprune_bh(dw_ratio=0.71, align="over", pw_ratio=0.5, pw_tile=8),
     DepruneConfig.deprune_bh(dw_ratio=0.4, align="nearest", importance="bn_scaled"),
     DepruneConfig.deprune_bh(dw_ratio=0.71, importance="l1", remove_dead=False),
-], ids=["deprune", "deprune_b", "bh_over_pw8", "bh_nearest_bn", "bh_l1_keep_dead"])
+    DepruneConfig.deprune_bh(dw_ratio=0.71, pw_ratio=0.3, granularity="block:8"),
+], ids=["deprune", "deprune_b", "bh_over_pw8", "bh_nearest_bn", "bh_l1_keep_dead", "bh_block8"])
 @pytest.mark.parametrize("name", ["mobilenetv2_050", "efficientnet_b0", "mixnet_s"])
 def test_methods_and_options(name, cfg, gen):
     _check_pruned(name, _build(name, gen), cfg, gen)
@@ -140,6 +142,25 @@ def test_efficientnet_b0_deprune_bh_is_balanced_aligned_and_exact(gen):
             assert d.min_group_ratio == d.max_group_ratio or d.channels % 32  # trailing partial group may differ
             assert round(d.min_group_ratio * 32 * k) % 32 == 0
     assert res.report.decide_seconds < 1.0  # generous; the measured figure goes in BENCHMARKS/notes
+
+
+@pytest.mark.parametrize("granularity", ["block:8", "block:16"])
+def test_block_granularity_masks_share_taps_per_block_and_run_exactly_in_channels_last(granularity, gen):
+    cfg = DepruneConfig.deprune_bh(dw_ratio=0.71, pw_ratio=0.3, granularity=granularity)
+    res, x = _check_pruned("efficientnet_b0", _build("efficientnet_b0", gen), cfg, gen)
+    n = cfg.block
+    for d in res.plan.dw:
+        mask = res.masks[d.path].reshape(d.channels, -1)
+        assert d.balanced and d.aligned
+        for b0 in range(0, d.channels, n):
+            assert (mask[b0:b0 + n] == mask[b0]).all(), (d.path, b0)
+    pm = res.model.eval()
+    with torch.no_grad():
+        set_execution(pm, "dense")
+        ref = pm(x)
+        set_execution(pm, "sparse")
+        got = copy.deepcopy(pm).to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    assert _rel(got, ref) < 1e-5
 
 
 def test_zero_ratios_change_nothing(gen):

@@ -8,7 +8,7 @@ from typing import Callable, Iterable, Mapping, Optional, Union
 
 import torch
 
-__all__ = ["DepruneConfig", "RatioSpec", "ALIGN_MODES", "IMPORTANCE_NAMES", "resolve_ratios"]
+__all__ = ["DepruneConfig", "RatioSpec", "ALIGN_MODES", "IMPORTANCE_NAMES", "resolve_ratios", "block_size"]
 
 ALIGN_MODES = ("none", "under", "over", "nearest")
 IMPORTANCE_NAMES = ("l1", "l2", "bn_scaled")
@@ -43,6 +43,17 @@ def _positive_int(value, name: str) -> int:
     return value
 
 
+def block_size(granularity: str) -> int:
+    """Channels per shared tap pattern of a ``granularity`` string: "element" -> 1, "block:N" -> N."""
+    if granularity == "element":
+        return 1
+    if isinstance(granularity, str) and granularity.startswith("block:"):
+        n = granularity[len("block:"):]
+        if n.isdigit() and int(n) >= 1:
+            return int(n)
+    raise ValueError(f"granularity must be 'element' or 'block:N' with N a positive int, got {granularity!r}")
+
+
 @dataclass(frozen=True)
 class DepruneConfig:
     """How to prune the depth-wise separable convs of a model (DESIGN.md §1).
@@ -65,6 +76,11 @@ class DepruneConfig:
         min_keep: fewest taps a DW group keeps and fewest channels a PW layer keeps.
         remove_dead: remove DW channels whose taps are all pruned, folding their constant output into the
             next point-wise conv (exact; only where no squeeze-excite gate sits between them).
+        granularity: ``"element"`` (the paper's DCP: every channel has its own tap pattern) or ``"block:N"`` (a tap
+            is kept or pruned for N consecutive channels together, ranked by the block's summed score; BWT and
+            HSR apply to blocks). Block patterns let a channels_last kernel vectorise across channels with no
+            wasted lanes; N must divide ``group`` and ``tile``. A layer whose channel count is not a multiple of
+            N ends in a partial block; its group's pruned count is then aligned in whole tiles of blocks.
 
     Example:
         >>> cfg = DepruneConfig.deprune_bh(dw_ratio=0.71, pw_ratio=0.3)
@@ -83,6 +99,7 @@ class DepruneConfig:
     ignore: tuple[str, ...] = ()
     min_keep: int = 1
     remove_dead: bool = True
+    granularity: str = "element"
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen dataclass
@@ -102,6 +119,15 @@ class DepruneConfig:
         set_("ignore", ignore)
         if not isinstance(self.remove_dead, bool):
             raise ValueError(f"remove_dead must be True or False, got {self.remove_dead!r}")
+        n = block_size(self.granularity)
+        if self.group % n or self.tile % n:
+            raise ValueError(f"granularity {self.granularity!r}: the block size must divide group ({self.group}) and"
+                             f" tile ({self.tile})")
+
+    @property
+    def block(self) -> int:
+        """Channels that share one tap pattern (1 for element granularity)."""
+        return block_size(self.granularity)
 
     # Presets named as in the paper (DESIGN.md §1): DEPrune = DCP + PW filter pruning, -B adds BWT, -BH adds HSR.
     @classmethod

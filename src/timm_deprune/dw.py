@@ -77,7 +77,7 @@ def _prune_lowest(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 
 def select_dw_taps(scores: torch.Tensor, ratio: float, *, balance: bool, align: str = "none", tile: int = 32,
-                   group: int = 32, min_keep: int = 1) -> DWSelection:
+                   group: int = 32, min_keep: int = 1, block: int = 1) -> DWSelection:
     """Tap mask of one depth-wise layer from per-tap scores ``[C, kh, kw]`` (higher = more important).
 
     - DCP (``balance=False``): rank all ``C*kh*kw`` taps of the layer and prune the lowest ``ratio``; with
@@ -85,6 +85,9 @@ def select_dw_taps(scores: torch.Tensor, ratio: float, *, balance: bool, align: 
     - BWT (``balance=True``): rank within every ``group``-channel group and prune the same count in each full
       group; a trailing partial group prunes the same fraction.
     - HSR (``align != "none"``): each group's pruned count is a multiple of ``tile`` columns, chosen here.
+    - ``block > 1`` ("block:N" granularity): a tap is kept or pruned for ``block`` consecutive channels together,
+      ranked by the block's summed score; the rules above then apply to blocks (a block tap is ``block``
+      columns). ``block`` must divide ``group`` and ``tile``; a trailing partial block is ranked by its mean.
 
     Example:
         >>> sel = select_dw_taps(torch.rand(64, 3, 3), 0.71, balance=True, align="under")
@@ -102,6 +105,8 @@ def select_dw_taps(scores: torch.Tensor, ratio: float, *, balance: bool, align: 
     flat = scores.detach().reshape(c, k).to(torch.float64)
     if not torch.isfinite(flat).all():
         raise ValueError("importance scores contain NaN or inf")
+    if block != 1:
+        return _select_blocks(flat, (c, kh, kw), ratio, balance, align, tile, group, min_keep, block)
     bounds = [(g0, min(g0 + group, c)) for g0 in range(0, c, group)]
     columns = [(g1 - g0) * k for g0, g1 in bounds]
 
@@ -127,6 +132,27 @@ def select_dw_taps(scores: torch.Tensor, ratio: float, *, balance: bool, align: 
         part = flat[g0:g1].reshape(1, -1)
         mask[g0:g1] = _prune_lowest(part, torch.tensor([counts[-1]], device=scores.device)).reshape(-1, k)
     return _selection(mask.reshape(c, kh, kw), ratio, bounds, k, align != "none", align)
+
+
+def _select_blocks(flat: torch.Tensor, shape, ratio: float, balance: bool, align: str, tile: int, group: int,
+                   min_keep: int, block: int) -> DWSelection:
+    """Block granularity: select on per-block scores, then give every channel its block's mask."""
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be a positive int, got {block!r}")
+    if group % block or tile % block:
+        raise ValueError(f"block size {block} must divide group ({group}) and tile ({tile})")
+    c, kh, kw = shape
+    nb = -(-c // block)
+    sizes = torch.full((nb,), float(block), dtype=flat.dtype, device=flat.device)
+    sizes[-1] = c - (nb - 1) * block
+    block_scores = torch.zeros(nb, flat.shape[1], dtype=flat.dtype, device=flat.device)
+    block_scores.index_add_(0, torch.arange(c, device=flat.device) // block, flat)
+    block_scores /= sizes[:, None]  # mean, so a trailing partial block is not ranked lower for being short
+    sel = select_dw_taps(block_scores.reshape(nb, kh, kw), ratio, balance=balance, align=align, tile=tile // block,
+                         group=group // block, min_keep=-(-min_keep // block), block=1)
+    mask = sel.mask.to(flat.device).repeat_interleave(block, dim=0)[:c]
+    bounds = [(g0, min(g0 + group, c)) for g0 in range(0, c, group)]
+    return _selection(mask, ratio, bounds, kh * kw, sel.aligned, align)
 
 
 def _selection(mask: torch.Tensor, ratio: float, bounds, k: int, aligned: bool, align: str) -> DWSelection:

@@ -189,7 +189,7 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
     group_of_dw = {g.dw: g for g in groups if g.dw is not None}
     select = lambda scores, ratio: select_dw_taps(  # noqa: E731
         scores, ratio, balance=config.balance, align=config.align, tile=config.tile, group=config.group,
-        min_keep=config.min_keep)
+        min_keep=config.min_keep, block=config.block)
     masks: dict[str, torch.Tensor] = {}
     dw_plans: list[DWLayerPlan] = []
     pw_dead: dict[str, tuple[int, ...]] = {}
