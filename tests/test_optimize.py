@@ -36,6 +36,8 @@ def test_optimized_model_matches_and_has_no_batchnorm(name, gen):
     fused = [m.activation for _, m in masked_convs(opt) if m.activation != "identity"]
     if name in ("mobilenetv2_050", "efficientnet_b0", "tf_efficientnet_lite0", "mixnet_s"):
         assert len(fused) == len(list(masked_convs(opt)))  # every DW conv's BN + act went into the kernel
+    if name in ("efficientnet_b0", "mobilenetv3_small_050", "mixnet_s"):  # squeeze-excite runs as two matmuls
+        assert opt.deprune_inference_stats["linear_squeeze_excite"] > 0
     for path, mask in res.masks.items():  # pruned taps stay exactly zero after folding
         assert (opt.get_submodule(path).weight.detach()[:, 0][~mask] == 0).all()
 
