@@ -101,7 +101,10 @@ void sparse_dwconv2d(const DWConvArgs& a, int num_threads) {
   int64_t threads = std::min<int64_t>({num_threads, units, std::max<int64_t>(1, work / kMinWorkPerThread)});
   // Several tasks per thread so an uneven split (unbalanced masks, border rows) evens out.
   const int64_t tasks = threads > 1 ? std::min<int64_t>(units, threads * 4) : 1;
-  const int64_t scratch_floats = nhwc ? 0 : nchw_scratch_geometry(s).total_floats();
+  // NHWC: one int64 offset per block-tap entry (2 floats each); NCHW: the padded phase planes.
+  const int64_t scratch_floats =
+      nhwc ? 2 * static_cast<int64_t>(a.block.offsets[(s.C + kChannelBlock - 1) / kChannelBlock]) + 2
+           : nchw_scratch_geometry(s).total_floats();
   RangeKernel fn = nhwc ? k.nhwc : k.nchw;
   DWConvArgs args = a;
   // Outputs far beyond the caches go straight to memory: saves the read-for-ownership of every output line.
