@@ -5,8 +5,9 @@ dwconv: every depth-wise conv layer shape of mobilenetv2_100 and efficientnet_b0
 ratios 100/50/29% with balanced (BWT) masks; our sparse op vs PyTorch's dense depth-wise conv in NCHW and
 channels_last, side by side in one process, interleaved, medians over repeats.
 overhead: per-call cost of the registered custom op vs the direct eager path on a tiny layer.
-model: whole-model latency, dense eager (NCHW, channels_last) vs DEPrune-BH (DW 71%, PW 30%) as masked-dense eager and
-optimised (BN folded, activations fused, sparse depth-wise kernels), interleaved, medians.
+model: whole-model latency of dense eager (NCHW, channels_last), dense torch.compile and dense ONNX Runtime against
+DEPrune-BH (DW 71%, PW 30%) as masked-dense eager, optimised with our kernels (element masks in NCHW; block:8 masks
+in channels_last, eager and compiled) and pruned-dense ONNX Runtime; interleaved, medians; --json / --plot.
 prune: wall time to decide every mask (DW taps and PW channels) of a model, the pruning overhead reviewers of
 the paper asked for; the surgery and the FLOPs trace are not counted.
 """
@@ -195,42 +196,141 @@ def run_prune(args: argparse.Namespace) -> None:
               f" PW layers)")
 
 
+MODEL_VARIANTS = {
+    # key: (label, pruned?) -- order is the order of the table and the plot
+    "dense_nchw": "dense eager NCHW",
+    "dense_cl": "dense eager channels_last",
+    "dense_compile": "dense torch.compile (channels_last)",
+    "dense_ort": "dense ONNX Runtime",
+    "masked_dense": "DEPrune-BH masked dense eager",
+    "ours_element": "DEPrune-BH optimised, element masks, NCHW (ours)",
+    "ours_block": "DEPrune-BH block:8 optimised, channels_last (ours)",
+    "ours_block_compile": "DEPrune-BH block:8 optimised + torch.compile (ours)",
+    "pruned_ort": "DEPrune-BH block:8 pruned-dense ONNX Runtime",
+}
+
+
 def run_model(args: argparse.Namespace) -> None:
+    import copy
+    import json
+    import tempfile
+
     import timm
 
     from timm_deprune import DepruneConfig, optimize_for_inference, prune, set_execution
 
     torch.set_grad_enabled(False)
-    cfg = DepruneConfig.deprune_bh(dw_ratio=args.dw_ratio, pw_ratio=args.pw_ratio)
-    print(f"# whole-model latency, fp32, {torch.get_num_threads()} threads ({datetime.date.today()},"
-          f" {platform.processor() or platform.machine()}), median of {args.repeats} interleaved rounds; ratios vs the"
-          f" faster dense eager layout")
+    skip = set(args.skip)
+    try:
+        from timm_deprune.export import export_onnx, ort_session
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        print("# onnxruntime not installed: ONNX Runtime variants skipped (pip install '.[onnx]')", file=sys.stderr)
+        skip |= {"dense_ort", "pruned_ort"}
+    header = (f"# whole-model latency, fp32, {torch.get_num_threads()} threads ({datetime.date.today()},"
+              f" {platform.processor() or platform.machine()}, torch {torch.__version__}), median of {args.repeats}"
+              f" interleaved rounds; DEPrune-BH DW {args.dw_ratio:.0%} / PW {args.pw_ratio:.0%}")
+    print(header)
+    results = {"header": header, "rows": []}
+    tmp = tempfile.TemporaryDirectory()
     for name in args.models:
         dense = timm.create_model(name).eval()
-        pruned = prune(dense, cfg).model.eval()
-        masked_dense = set_execution(__import__("copy").deepcopy(pruned), "dense")
-        optimized = optimize_for_inference(pruned)
+        cl = dict(memory_format=torch.channels_last)
+        element = prune(dense, DepruneConfig.deprune_bh(dw_ratio=args.dw_ratio, pw_ratio=args.pw_ratio)).model.eval()
+        block = prune(dense, DepruneConfig.deprune_bh(dw_ratio=args.dw_ratio, pw_ratio=args.pw_ratio,
+                                                      granularity="block:8")).model.eval()
+        models = {
+            "dense_nchw": (dense, False),
+            "dense_cl": (copy.deepcopy(dense).to(**cl), True),
+            "masked_dense": (set_execution(copy.deepcopy(element), "dense"), False),
+            "ours_element": (optimize_for_inference(element), False),
+            "ours_block": (optimize_for_inference(block, channels_last=True), True),
+        }
+        if "dense_compile" not in skip:
+            models["dense_compile"] = (torch.compile(copy.deepcopy(dense).to(**cl)), True)
+        if "ours_block_compile" not in skip:
+            models["ours_block_compile"] = (torch.compile(models["ours_block"][0]), True)
+        sessions = {}
+        for key, src in (("dense_ort", dense), ("pruned_ort", block)):
+            if key not in skip:
+                path = export_onnx(src, f"{tmp.name}/{name}_{key}.onnx", overwrite=True)
+                sessions[key] = ort_session(path)
         for batch in args.batch:
             x = torch.randn(batch, 3, 224, 224)
-            x_cl = x.contiguous(memory_format=torch.channels_last)
-            dense_cl = __import__("copy").deepcopy(dense).to(memory_format=torch.channels_last)
-            variants = {
-                "dense eager NCHW": lambda: dense(x),
-                "dense eager channels_last": lambda: dense_cl(x_cl),
-                "DEPrune-BH masked dense": lambda: masked_dense(x),
-                "DEPrune-BH optimised, sparse": lambda: optimized(x),
-            }
+            x_cl = x.contiguous(**cl)
+            x_np = x.numpy()
+            variants = {}
+            for key in MODEL_VARIANTS:
+                if key in skip:
+                    continue
+                if key in sessions:
+                    sess = sessions[key]
+                    inp = sess.get_inputs()[0].name
+                    variants[key] = (lambda s=sess, i=inp: s.run(None, {i: x_np}))
+                elif key in models:
+                    m, use_cl = models[key]
+                    variants[key] = (lambda m=m, xx=(x_cl if use_cl else x): m(xx))
+            for fn in variants.values():  # warm up (and compile) outside the timed rounds
+                fn(), fn()
             inner = 5 if batch == 1 else 1
-            for fn in variants.values():
-                fn()
             samples = {k: [] for k in variants}
             for _ in range(args.repeats):
                 for k, fn in variants.items():
                     samples[k].append(_time(fn, inner))
             med = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
-            best_dense = min(med["dense eager NCHW"], med["dense eager channels_last"])
+            eager = min(med["dense_nchw"], med["dense_cl"])
             for k, v in med.items():
-                print(f"{name:18s} b{batch:<3d} {k:30s} {v:8.2f} ms   {best_dense / v:5.2f}x")
+                print(f"{name:22s} b{batch:<3d} {MODEL_VARIANTS[k]:52s} {v:9.2f} ms   {eager / v:5.2f}x vs best eager")
+            results["rows"].append({"model": name, "batch": batch, "ms": med})
+            print(f"{name} b{batch} done", file=sys.stderr)
+    tmp.cleanup()
+    print(_model_markdown(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    if args.plot:
+        plot_model(results, args.plot)
+
+
+def _model_markdown(results: dict) -> str:
+    lines = []
+    for row in results["rows"]:
+        ms = row["ms"]
+        eager = min(ms["dense_nchw"], ms["dense_cl"])
+        lines.append(f"\n{row['model']}, batch {row['batch']}\n")
+        lines.append("| variant | ms | vs best dense eager | ours (block:8, eager) vs this |")
+        lines.append("|---|---:|---:|---:|")
+        ours = ms.get("ours_block")
+        for k, v in ms.items():
+            rel = f"{v / ours:.2f}x" if ours else "-"
+            lines.append(f"| {MODEL_VARIANTS[k]} | {v:.2f} | {eager / v:.2f}x | {rel} |")
+    return "\n".join(lines)
+
+
+def plot_model(results: dict, path: str) -> None:
+    """Bar chart: speed-up of every variant over the best dense eager layout, one group per (model, batch)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    keys = [k for k in MODEL_VARIANTS if any(k in r["ms"] for r in rows)]
+    fig, ax = plt.subplots(figsize=(max(8, 2.2 * len(rows)), 5))
+    width = 0.8 / len(keys)
+    for i, k in enumerate(keys):
+        vals = [min(r["ms"]["dense_nchw"], r["ms"]["dense_cl"]) / r["ms"][k] if k in r["ms"] else 0 for r in rows]
+        ax.bar([j + i * width for j in range(len(rows))], vals, width, label=MODEL_VARIANTS[k],
+               hatch="//" if k.startswith(("ours", "masked")) or k == "pruned_ort" else None)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))])
+    ax.set_xticklabels([f"{r['model']}\nbatch {r['batch']}" for r in rows], fontsize=8)
+    ax.set_ylabel("speed-up vs best dense eager (higher is faster)")
+    ax.set_title(results["header"].lstrip("# ")[:120], fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def main() -> None:
@@ -252,6 +352,9 @@ def main() -> None:
     p.add_argument("--dw-ratio", type=float, default=0.71)
     p.add_argument("--pw-ratio", type=float, default=0.3)
     p.add_argument("--repeats", type=int, default=11)
+    p.add_argument("--skip", nargs="*", default=[], choices=list(MODEL_VARIANTS), help="variants to leave out")
+    p.add_argument("--json", help="also write the medians to this JSON file")
+    p.add_argument("--plot", help="also write a PNG bar chart of the speed-ups")
     p.set_defaults(fn=run_model)
     p = sub.add_parser("prune", help="time to decide all masks (pruning overhead)")
     p.add_argument("--models", nargs="+", default=["mobilenetv2_100", "mobilenetv3_large_100", "efficientnet_b0"])

@@ -61,3 +61,15 @@ def gen() -> torch.Generator:
     seed = int(torch.randint(0, 2**31 - 1, ()).item()) ^ int.from_bytes(__import__("os").urandom(4), "little")
     print(f"seed={seed}")
     return torch.Generator().manual_seed(seed)
+
+
+def randomize_bn(model: torch.nn.Module, gen: torch.Generator) -> torch.nn.Module:
+    """Non-trivial BN statistics and affine parameters (in place), so BN folding is really exercised."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d) and m.running_mean is not None:
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+    return model

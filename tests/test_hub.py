@@ -32,6 +32,7 @@ import torch
 
 import timm
 import timm_deprune
+from conftest import randomize_bn
 from timm_deprune import DepruneConfig, masked_convs, prune, push_to_hub, save_pretrained
 from timm_deprune import hub, timm_plugin
 
@@ -108,19 +109,14 @@ class FakeHfApi:
         return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/{sha}", oid=sha)
 
 
-def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+def _randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Non-trivial BN statistics, so a load that drops buffers changes the outputs."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model
+    return randomize_bn(model, torch.Generator().manual_seed(seed))
 
 
 def make_pruned(arch: str, config: DepruneConfig = CONFIG, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    dense = randomize_bn(timm.create_model(arch), seed)
+    dense = _randomize_bn(timm.create_model(arch), seed)
     return prune(dense, config, input_size=(3, SIZE, SIZE)).model.eval()
 
 
@@ -334,7 +330,7 @@ def test_environment_set_before_import_offline_cache_and_tag_org(saved, tmp_path
 def tag_model():
     """``mobilenetv2_100.deprune`` without weights (the tag's config on a random init), with non-trivial BN stats."""
     torch.manual_seed(0)
-    return randomize_bn(timm.create_model("mobilenetv2_100.deprune")).eval()
+    return _randomize_bn(timm.create_model("mobilenetv2_100.deprune")).eval()
 
 
 def test_tag_with_weights_loads_from_the_org_repo(tag_model, hub_cache, test_org, tmp_path):

@@ -38,6 +38,8 @@ def test_optimized_model_matches_and_has_no_batchnorm(name, gen):
         assert len(fused) == len(list(masked_convs(opt)))  # every DW conv's BN + act went into the kernel
     if name in ("efficientnet_b0", "mobilenetv3_small_050", "mixnet_s"):  # squeeze-excite runs as two matmuls
         assert opt.deprune_inference_stats["linear_squeeze_excite"] > 0
+    if name in ("mobilenetv2_050", "efficientnet_b0", "mobilenetv3_small_050"):  # conv_pw + act in one oneDNN call
+        assert opt.deprune_inference_stats["conv_activations"] > 0
     for path, mask in res.masks.items():  # pruned taps stay exactly zero after folding
         assert (opt.get_submodule(path).weight.detach()[:, 0][~mask] == 0).all()
 
@@ -61,6 +63,22 @@ def test_fused_activation_is_kept_by_every_path(gen):
     with pytest.raises(ValueError, match="activation must be one of .* got 'tanh'"):
         m.activation = "tanh"
     assert isinstance(m, MaskedConv2d)
+
+
+@pytest.mark.parametrize("act", ["relu", "relu6", "silu", "hardswish", "gelu"])
+def test_conv_activation_fusion_matches_every_path(act, gen):
+    from timm_deprune.optimize import ConvAct2d, _ACT_FNS
+    conv = torch.nn.Conv2d(16, 24, 1, bias=True).eval()
+    x = torch.randn(2, 16, 9, 9, generator=gen) * 3
+    with torch.no_grad():
+        ref = _ACT_FNS[act](conv(x))
+        conv.__class__ = ConvAct2d
+        conv.post_act = act
+        for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+            torch.testing.assert_close(conv(inp), ref, rtol=1e-5, atol=1e-5)
+        conv.train()  # the unfused path
+        torch.testing.assert_close(conv(x), ref, rtol=1e-5, atol=1e-5)
+    assert f"post_act='{act}'" in repr(conv)
 
 
 def test_optimize_options(gen):

@@ -5,6 +5,7 @@ import pytest
 import timm
 import torch
 
+from conftest import randomize_bn
 from timm_deprune import DepruneConfig, PrunePlan, UnsupportedModelError, apply_plan, prune, set_execution
 from timm_deprune.pw import find_channel_groups, fold_dead_channels, prune_channels
 
@@ -24,17 +25,6 @@ REPARAM_FAMILIES = ["fastvit_t8", "repvit_m1", "mobileone_s0"]
 UNSUPPORTED = ["repghostnet_050", "lcnetv2_small"]
 
 
-def _randomize_bn(model: torch.nn.Module, gen: torch.Generator) -> None:
-    """Non-trivial BN statistics, so folding and constant channels are really exercised."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d) and m.running_mean is not None:
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-
-
 def _input_size(model) -> tuple:
     cfg = model.pretrained_cfg
     return tuple(cfg["input_size"]) if cfg.get("fixed_input_size") else (3, 64, 64)
@@ -45,7 +35,7 @@ def _build(name: str, gen: torch.Generator, reparam: bool = False):
     model = timm.create_model(name).eval()
     if reparam:
         model = timm.models.reparameterize_model(model)
-    _randomize_bn(model, gen)
+    randomize_bn(model, gen)
     return model
 
 
@@ -85,7 +75,9 @@ def _check_pruned(name, model, cfg, gen):
             assert all(p % tile == 0 for p in pruned[:whole]), (name, d.path, pruned)
         # every group is within one tile of its target, so the layer is within (groups * tile) taps
         groups = -(-d.channels // group)
-        assert abs(d.achieved_ratio - d.target_ratio) <= groups * tile / (d.channels * k) + 1e-9, (name, d)
+        # (a trailing partial block is ranked like a whole one, so its group may miss by up to a block's taps more)
+        slack = groups * tile + (k * cfg.block if d.channels % cfg.block else 0)
+        assert abs(d.achieved_ratio - d.target_ratio) <= slack / (d.channels * k) + 1e-9, (name, d)
         assert d.min_group_ratio <= d.max_group_ratio
     for p in res.plan.pw:
         assert len(p.kept) % cfg.pw_tile == 0 or len(p.kept) == p.channels_before, (name, p.producer)

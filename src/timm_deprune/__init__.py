@@ -3,6 +3,7 @@ from importlib import metadata as _metadata
 
 from ._backend import backend_available
 from .config import DepruneConfig
+from .export import export_onnx, ort_session
 from .hub import from_pretrained, push_to_hub, save_pretrained
 from .layers import MaskedConv2d, MaskedConv2dSame, fold_batchnorm, masked_convs, set_execution, to_masked
 from .ops import sparse_dwconv2d
@@ -25,7 +26,8 @@ except _metadata.PackageNotFoundError:  # running from a source tree that was ne
 __all__ = [
     "prune", "DepruneConfig", "PruneResult", "PrunePlan", "PruneReport", "apply_plan", "UnsupportedModelError",
     "save_pretrained", "push_to_hub", "from_pretrained",
-    "optimize_for_inference", "recalibrate", "RecalibrateConfig", "recalibrate_bn", "evaluate", "create_loaders",
+    "optimize_for_inference", "export_onnx", "ort_session",
+    "recalibrate", "RecalibrateConfig", "recalibrate_bn", "evaluate", "create_loaders",
     "MaskedConv2d", "MaskedConv2dSame", "to_masked", "set_execution", "masked_convs", "fold_batchnorm",
     "SparseDWPlan", "build_plan", "sparse_dwconv2d", "backend_available", "__version__",
 ]

@@ -1,9 +1,11 @@
-"""``timm-deprune``: prune a timm model with DEPrune, save it in timm's folder format, inspect it, push it to the Hub.
+"""``timm-deprune``: prune a timm model with DEPrune, save it in timm's folder format, inspect it, push it to the Hub,
+export it to ONNX.
 
 Example:
     timm-deprune prune mobilenetv2_100 --pretrained --output mnv2.deprune
     timm-deprune info mnv2.deprune
     timm-deprune push mnv2.deprune my-org/mobilenetv2_100.deprune
+    timm-deprune export mnv2.deprune --output mnv2.onnx
 
 An error prints one line (``timm-deprune: error: ...``) on stderr and exits non-zero (2 for wrong usage);
 ``--verbose`` prints the traceback too. ``python -m timm_deprune.cli`` and ``scripts/prune_and_upload.py``
@@ -59,7 +61,7 @@ def _make_api(token: Optional[str]):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``timm-deprune`` argument parser (subcommands ``prune``, ``info``, ``push``)."""
+    """The ``timm-deprune`` argument parser (subcommands ``prune``, ``info``, ``push``, ``export``)."""
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: a subcommand's default must not overwrite a --verbose given before the subcommand
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
@@ -132,6 +134,24 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--private", action="store_true", help="create the Hub repo private")
     u.add_argument("--token", help="Hub token (default: HF_TOKEN / the saved login)")
     u.set_defaults(func=_cmd_push)
+
+    e = sub.add_parser("export", parents=[common], help="export a pruned model to ONNX",
+                       description="Export a pruned model to one .onnx file: masks baked into dense depth-wise"
+                       " weights, BatchNorms folded; checked in ONNX Runtime against the PyTorch model.")
+    e.add_argument("source", metavar="SOURCE",
+                   help="model folder (from `timm-deprune prune`), local-dir:DIR, hf-hub:ORG/NAME or ORG/NAME")
+    e.add_argument("--output", type=Path, metavar="FILE", required=True, help="the .onnx file to write")
+    e.add_argument("--batch-size", type=int, default=1, metavar="N",
+                   help="batch of the example input (the fixed batch with --static-batch; default %(default)s)")
+    e.add_argument("--static-batch", action="store_true",
+                   help="fix the batch dimension to --batch-size (default: dynamic)")
+    e.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
+                   help="input size (default: the model's pretrained_cfg)")
+    e.add_argument("--opset", type=int, metavar="N", help="ai.onnx opset version (default: torch's)")
+    e.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip the ONNX Runtime comparison with the PyTorch model")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    e.set_defaults(func=_cmd_export)
     return parser
 
 
@@ -478,6 +498,73 @@ def _cmd_push(args: argparse.Namespace) -> None:
     print(f"pushed {folder} to {args.repo}: {url}")
     print(f'load it with:  import timm, timm_deprune; model = timm.create_model("hf-hub:{args.repo}",'
           " pretrained=True)")
+
+
+# ---------------------------------------------------------------------------------------------------- export
+
+
+def _load_source(source: str) -> torch.nn.Module:
+    """The model of a saved folder, ``local-dir:DIR``, ``hf-hub:ORG/NAME`` or ``ORG/NAME``, with one-line errors."""
+    folder = None
+    if source.startswith("hf-hub:"):
+        name = source
+    elif source.startswith("local-dir:"):
+        folder = Path(source[len("local-dir:"):]).expanduser()
+    elif Path(source).expanduser().is_dir():
+        folder = Path(source).expanduser()
+    elif source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise CliError(f"no model folder {source!r}, and it is not a Hub repo id (org/name, hf-hub:org/name)")
+    else:
+        name = f"hf-hub:{source}"
+    if folder is not None:
+        if not folder.is_dir():
+            raise CliError(f"no model folder {str(folder)!r}")
+        if not (folder / "config.json").is_file():
+            raise CliError(f"{folder.absolute()} has no config.json: not a timm model folder")
+        name = f"local-dir:{folder.absolute()}"
+    try:
+        return timm.create_model(name, pretrained=True)
+    except Exception as e:
+        cause = _network_cause(e) if folder is None else None
+        if cause is None:
+            raise
+        raise CliError(f"cannot load {name}: {_why_offline(cause)}") from e
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from .export import MIN_OPSET, _export, _opset
+
+    start = time.perf_counter()
+    for flag, low in (("batch_size", 1), ("opset", MIN_OPSET)):
+        value = getattr(args, flag)
+        if value is not None and value < low:
+            raise CliError(f"--{flag.replace('_', '-')} must be >= {low}, got {value}", 2)
+    if args.input_size is not None and min(args.input_size) < 1:
+        raise CliError(f"--input-size must be three positive ints C H W, got {args.input_size}", 2)
+    output = args.output.expanduser().absolute()
+    if output.is_dir():
+        raise CliError(f"--output {output} is a folder; give the .onnx file to write")
+    if output.exists() and not args.overwrite:
+        raise CliError(f"{output} exists; pass --overwrite to replace it, or choose another --output")
+    model = _load_source(args.source)
+    path, errors = _export(model, output, input_size=args.input_size, batch_size=args.batch_size,
+                           dynamic_batch=not args.static_batch, opset=args.opset, check=args.check,
+                           overwrite=args.overwrite)
+    size = args.input_size or (getattr(model, "pretrained_cfg", None) or {}).get("input_size") or (3, 224, 224)
+    batch = "N (dynamic)" if not args.static_batch else str(args.batch_size)
+    print(f"wrote {path} ({_size(path.stat().st_size)}; input [{batch}, {', '.join(map(str, size))}],"
+          f" opset {_opset(path)})")
+    if errors is None:
+        print("ORT check    skipped (--no-check)")
+    else:
+        import onnxruntime
+
+        worst = max(errors.values())
+        print(f"ORT check    ok: max rel. error {worst:.1e} vs PyTorch at batch"
+              f" {' and '.join(map(str, errors))} (onnxruntime {onnxruntime.__version__})")
+    print(f'run it with:  import onnxruntime as ort; sess = ort.InferenceSession("{path}");'
+          ' y = sess.run(None, {"input": x})[0]')
+    print(f"done in {time.perf_counter() - start:.1f} s")
 
 
 # ---------------------------------------------------------------------------------------------------- info

@@ -16,7 +16,8 @@ from .layers import MaskedConv2d, fold_batchnorm
 from .plan import _set_module
 from .pw import slice_channels
 
-__all__ = ["optimize_for_inference", "fold_all_batchnorms", "fast_squeeze_excite"]
+__all__ = ["optimize_for_inference", "fold_all_batchnorms", "fast_squeeze_excite", "fuse_conv_activations",
+           "ConvAct2d"]
 
 # Module types whose forward is exactly one of the sparse kernel's fused activations (ops.ACTIVATIONS).
 _FUSABLE = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish", nn.Identity: "identity"}
@@ -34,13 +35,21 @@ def _activation_name(m: nn.Module) -> Optional[str]:
 
 
 def _conv_bn_pairs(model: nn.Module, input_size: Sequence[int]) -> list[tuple[str, str]]:
-    """(conv path, BN path) where the BN's only module input is exactly that conv's output tensor.
+    """(conv path, BN path) where the BN's only module input is exactly that conv's output tensor."""
+    return _conv_reader_pairs(model, input_size, lambda m: isinstance(m, nn.BatchNorm2d))
+
+
+def _conv_reader_pairs(model: nn.Module, input_size: Sequence[int], wanted) -> list[tuple[str, str]]:
+    """(conv path, reader path) where the module ``wanted(module)`` selects is the only module reading exactly that
+    conv's output tensor.
 
     Found by tracing one forward pass: tensor identity, not module order, decides (outputs are kept alive so ids are
-    not reused). A conv output that a second module also reads is not folded.
+    not reused). A conv output that a second module also reads is not folded. A module that returns its input
+    object (an in-place activation) ends that tensor's readers: later reads see its result, not the conv's.
     """
     outputs: dict[int, str] = {}
     readers: dict[int, list[str]] = {}
+    cut: dict[int, int] = {}
     keep: list[torch.Tensor] = []
     hooks = []
 
@@ -59,11 +68,16 @@ def _conv_bn_pairs(model: nn.Module, input_size: Sequence[int]) -> list[tuple[st
                     keep.append(t)  # alive until the end, so its id is never reused by a conv output
         return fn
 
+    def inplace_hook(m, inputs, out):
+        if isinstance(out, torch.Tensor) and any(t is out for t in inputs) and id(out) not in cut:
+            cut[id(out)] = len(readers.get(id(out), []))
+
     for path, m in model.named_modules():
         if isinstance(m, (nn.Conv2d, MixedConv2d)):
             hooks.append(m.register_forward_hook(conv_hook(path)))
         if path:
             hooks.append(m.register_forward_pre_hook(reader_hook(path)))
+            hooks.append(m.register_forward_hook(inplace_hook))
     try:
         p = next(model.parameters())
         with torch.no_grad():
@@ -73,9 +87,9 @@ def _conv_bn_pairs(model: nn.Module, input_size: Sequence[int]) -> list[tuple[st
             h.remove()
     pairs = []
     for tid, conv_path in outputs.items():
-        rd = readers.get(tid, [])
+        rd = readers.get(tid, [])[:cut.get(tid)]
         # the BN may be read through containers that only pass the tensor on; require exactly one BN reader
-        bns = [r for r in rd if isinstance(model.get_submodule(r), nn.BatchNorm2d)]
+        bns = [r for r in rd if wanted(model.get_submodule(r))]
         others = [r for r in rd if r not in bns and not any(b.startswith(r + ".") for b in bns)]
         if len(bns) == 1 and not others:
             pairs.append((conv_path, bns[0]))
@@ -141,12 +155,68 @@ def fast_squeeze_excite(model: nn.Module) -> int:
     return n
 
 
+# Activation name -> (oneDNN post-op name, scalars, algorithm) of torch.ops.mkldnn._convolution_pointwise.
+_ONEDNN_POST_OPS = {"relu": ("relu", [], ""), "relu6": ("hardtanh", [0.0, 6.0], ""), "silu": ("swish", [], ""),
+                    "hardswish": ("hardswish", [], ""), "gelu": ("gelu", [], "none")}
+_ACT_FNS = {"relu": F.relu, "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish, "gelu": F.gelu}
+
+
+def _onednn_pointwise_available() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class ConvAct2d(nn.Conv2d):
+    """A plain ``nn.Conv2d`` followed by its activation (``post_act``) in one oneDNN call on CPU fp32 inference
+    (the output is written once instead of written, read and written again). Elsewhere, and while compiling or
+    exporting, it runs the conv and the activation as two ordinary ops. State-dict keys are the conv's."""
+
+    post_act: str = "identity"
+
+    def forward(self, x):
+        if (not self.training and x.device.type == "cpu" and x.dtype == torch.float32 and _ONEDNN_OK
+                and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+                and not torch.onnx.is_in_onnx_export()):
+            attr, scalars, algorithm = _ONEDNN_POST_OPS[self.post_act]
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, self.weight, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
+                attr, scalars, algorithm)
+        return _ACT_FNS[self.post_act](super().forward(x))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", post_act={self.post_act!r}"
+
+
+_ONEDNN_OK = _onednn_pointwise_available()
+
+
+def fuse_conv_activations(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> int:
+    """Fuse (in place) every activation module that alone reads a plain ``nn.Conv2d``'s output into that conv
+    (:class:`ConvAct2d`); the activation module becomes ``nn.Identity``. Returns how many were fused."""
+    def wanted(m):
+        return _activation_name(m) in _ONEDNN_POST_OPS
+
+    n = 0
+    for conv_path, act_path in _conv_reader_pairs(model, input_size, wanted):
+        conv = model.get_submodule(conv_path)
+        if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            continue
+        conv.__class__ = ConvAct2d
+        conv.post_act = _activation_name(model.get_submodule(act_path))
+        _set_module(model, act_path, nn.Identity())
+        n += 1
+    return n
+
+
 def optimize_for_inference(model: nn.Module, *, inplace: bool = False, channels_last: bool = False,
                            compile: bool = False, input_size: Optional[Sequence[int]] = None,
-                           check: bool = True) -> nn.Module:
+                           check: bool = True, fuse_activations: bool = True) -> nn.Module:
     """An eval-mode copy of ``model`` with BatchNorms folded into convs, activations fused into the sparse
-    depth-wise kernel's epilogue and squeeze-excite's 1x1 convs on pooled vectors run as matrix products (exact up
-    to fp32 rounding; parameter names unchanged). ``deprune_inference_stats`` on the result counts each rewrite.
+    depth-wise kernel's epilogue and into the other convs (oneDNN post-ops on CPU), and squeeze-excite's 1x1 convs
+    on pooled vectors run as matrix products (exact up to fp32 rounding; parameter names unchanged).
+    ``deprune_inference_stats`` on the result counts each rewrite.
 
     Args:
         model: a pruned (or dense) model.
@@ -156,6 +226,7 @@ def optimize_for_inference(model: nn.Module, *, inplace: bool = False, channels_
         compile: wrap in ``torch.compile`` (the sparse op is a registered custom op, so it stays in the graph).
         input_size: ``(C, H, W)`` of the trace that finds conv -> BN pairs; default the model's pretrained_cfg.
         check: compare the result with the original on a random input and raise if they differ (rel. > 1e-4).
+        fuse_activations: fuse the activation after each plain conv into it (:class:`ConvAct2d`).
     """
     original = model
     model = model if inplace else copy.deepcopy(model)
@@ -169,6 +240,7 @@ def optimize_for_inference(model: nn.Module, *, inplace: bool = False, channels_
             reference = (original if not inplace else model).eval()(x).float()
     stats = fold_all_batchnorms(model, size)
     stats["linear_squeeze_excite"] = fast_squeeze_excite(model)
+    stats["conv_activations"] = fuse_conv_activations(model, size) if fuse_activations else 0
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if reference is not None:
