@@ -1,4 +1,6 @@
 """optimize_for_inference: BN folded, activations fused into the sparse kernel, outputs unchanged."""
+import copy
+
 import pytest
 import timm
 import torch
@@ -68,16 +70,20 @@ def test_fused_activation_is_kept_by_every_path(gen):
 @pytest.mark.parametrize("act", ["relu", "relu6", "silu", "hardswish", "gelu"])
 def test_conv_activation_fusion_matches_every_path(act, gen):
     from timm_deprune.optimize import ConvAct2d, _ACT_FNS
-    conv = torch.nn.Conv2d(16, 24, 1, bias=True).eval()
+    conv = torch.nn.Conv2d(16, 24, 3, padding=1, bias=True).eval()
     x = torch.randn(2, 16, 9, 9, generator=gen) * 3
     with torch.no_grad():
         ref = _ACT_FNS[act](conv(x))
         conv.__class__ = ConvAct2d
         conv.post_act = act
-        for inp in (x, x.contiguous(memory_format=torch.channels_last)):
-            torch.testing.assert_close(conv(inp), ref, rtol=1e-5, atol=1e-5)
+        for inp in (x, x.contiguous(memory_format=torch.channels_last), x[:1], x):  # reordered weight per shape
+            torch.testing.assert_close(conv(inp), ref[:len(inp)], rtol=1e-5, atol=1e-5)
+        conv.weight.mul_(2)  # an in-place change invalidates the reordered weight
+        ref2 = _ACT_FNS[act](torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1))
+        torch.testing.assert_close(conv(x), ref2, rtol=1e-5, atol=1e-5)
+        copy.deepcopy(conv)  # no oneDNN tensor on the module
         conv.train()  # the unfused path
-        torch.testing.assert_close(conv(x), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(conv(x), ref2, rtol=1e-5, atol=1e-5)
     assert f"post_act='{act}'" in repr(conv)
 
 

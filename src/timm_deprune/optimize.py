@@ -3,6 +3,7 @@ sparse depth-wise kernel's epilogue, so a pruned model runs with fewer memory pa
 from __future__ import annotations
 
 import copy
+import weakref
 from typing import Optional, Sequence
 
 import torch
@@ -156,9 +157,9 @@ def fast_squeeze_excite(model: nn.Module) -> int:
 
 
 # Activation name -> (oneDNN post-op name, scalars, algorithm) of torch.ops.mkldnn._convolution_pointwise.
-_ONEDNN_POST_OPS = {"relu": ("relu", [], ""), "relu6": ("hardtanh", [0.0, 6.0], ""), "silu": ("swish", [], ""),
+_ONEDNN_POST_OPS = {"identity": ("none", [], ""), "relu": ("relu", [], ""), "relu6": ("hardtanh", [0.0, 6.0], ""), "silu": ("swish", [], ""),
                     "hardswish": ("hardswish", [], ""), "gelu": ("gelu", [], "none")}
-_ACT_FNS = {"relu": F.relu, "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish, "gelu": F.gelu}
+_ACT_FNS = {"identity": lambda v: v, "relu": F.relu, "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish, "gelu": F.gelu}
 
 
 def _onednn_pointwise_available() -> bool:
@@ -168,25 +169,46 @@ def _onednn_pointwise_available() -> bool:
         return False
 
 
+# ConvAct2d -> ((weight version, weight pointer, input shape, channels_last), weight reordered for oneDNN). Kept
+# outside the module so deep copies and state dicts never see oneDNN tensors; entries die with their module.
+_PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
 class ConvAct2d(nn.Conv2d):
-    """A plain ``nn.Conv2d`` followed by its activation (``post_act``) in one oneDNN call on CPU fp32 inference
-    (the output is written once instead of written, read and written again). Elsewhere, and while compiling or
-    exporting, it runs the conv and the activation as two ordinary ops. State-dict keys are the conv's."""
+    """A plain ``nn.Conv2d`` and the activation after it (``post_act``, possibly ``"identity"``) as one oneDNN call
+    on CPU fp32 inference, with the weight reordered for oneDNN once per input shape instead of on every call: the
+    output is written once instead of written, read and written again. Elsewhere (training, other devices and
+    dtypes, while compiling or exporting) it runs the conv and the activation as two ordinary ops. State-dict keys
+    are the conv's."""
 
     post_act: str = "identity"
 
+    def _packed_weight(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        key = (w._version, w.data_ptr(), tuple(x.shape), x.is_contiguous(memory_format=torch.channels_last))
+        hit = _PACKED.get(self)
+        if hit is None or hit[0] != key:
+            packed = torch.ops.mkldnn._reorder_convolution_weight(
+                w.detach(), list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape))
+            hit = _PACKED[self] = (key, packed)
+        return hit[1]
+
     def forward(self, x):
         if (not self.training and x.device.type == "cpu" and x.dtype == torch.float32 and _ONEDNN_OK
-                and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
                 and not torch.onnx.is_in_onnx_export()):
             attr, scalars, algorithm = _ONEDNN_POST_OPS[self.post_act]
             return torch.ops.mkldnn._convolution_pointwise(
-                x, self.weight, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
-                attr, scalars, algorithm)
+                x, self._packed_weight(x), self.bias, list(self.padding), list(self.stride), list(self.dilation),
+                self.groups, attr, scalars, algorithm)
         return _ACT_FNS[self.post_act](super().forward(x))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", post_act={self.post_act!r}"
+
+
+def _plain_conv(conv: nn.Module) -> bool:
+    return type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
 
 
 _ONEDNN_OK = _onednn_pointwise_available()
@@ -201,7 +223,7 @@ def fuse_conv_activations(model: nn.Module, input_size: Sequence[int] = (3, 224,
     n = 0
     for conv_path, act_path in _conv_reader_pairs(model, input_size, wanted):
         conv = model.get_submodule(conv_path)
-        if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        if not _plain_conv(conv):
             continue
         conv.__class__ = ConvAct2d
         conv.post_act = _activation_name(model.get_submodule(act_path))
@@ -226,7 +248,8 @@ def optimize_for_inference(model: nn.Module, *, inplace: bool = False, channels_
         compile: wrap in ``torch.compile`` (the sparse op is a registered custom op, so it stays in the graph).
         input_size: ``(C, H, W)`` of the trace that finds conv -> BN pairs; default the model's pretrained_cfg.
         check: compare the result with the original on a random input and raise if they differ (rel. > 1e-4).
-        fuse_activations: fuse the activation after each plain conv into it (:class:`ConvAct2d`).
+        fuse_activations: run each plain conv and the activation after it as one oneDNN call with a reordered
+            weight (:class:`ConvAct2d`); needs PyTorch built with oneDNN (mkldnn), skipped otherwise.
     """
     original = model
     model = model if inplace else copy.deepcopy(model)
@@ -240,7 +263,14 @@ def optimize_for_inference(model: nn.Module, *, inplace: bool = False, channels_
             reference = (original if not inplace else model).eval()(x).float()
     stats = fold_all_batchnorms(model, size)
     stats["linear_squeeze_excite"] = fast_squeeze_excite(model)
-    stats["conv_activations"] = fuse_conv_activations(model, size) if fuse_activations else 0
+    stats["conv_activations"] = stats["onednn_convs"] = 0
+    if fuse_activations and _ONEDNN_OK:
+        stats["conv_activations"] = fuse_conv_activations(model, size)
+        for m in model.modules():  # the other plain convs get the reordered-weight cache too
+            if _plain_conv(m) and m.groups == 1:
+                m.__class__ = ConvAct2d
+                m.post_act = "identity"
+        stats["onednn_convs"] = sum(type(m) is ConvAct2d for m in model.modules())
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if reference is not None:
