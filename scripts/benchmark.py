@@ -26,6 +26,8 @@ import torch.nn.functional as F
 
 from timm_deprune import build_plan, sparse_dwconv2d
 from timm_deprune._masks import balanced_magnitude_mask
+from timm_deprune.config import block_size
+from timm_deprune.dw import select_dw_taps
 from timm_deprune._backend import load_extension
 from timm_deprune.ops import ACTIVATIONS, resolve_padding
 
@@ -76,10 +78,13 @@ def measure_bandwidth(nbytes: int = 256 << 20, repeats: int = 7) -> float:
     return 2 * nbytes / statistics.median(times) / 1e9
 
 
-def bench_layer(layer: DWLayer, batch: int, keep: float, repeats: int) -> dict[str, float]:
+def bench_layer(layer: DWLayer, batch: int, keep: float, repeats: int, block: int = 1) -> dict[str, float]:
     c, h, w = layer.channels, layer.height, layer.width
     weight = torch.randn(c, 1, *layer.kernel)
-    mask = balanced_magnitude_mask(weight, keep)
+    if block == 1:
+        mask = balanced_magnitude_mask(weight, keep)
+    else:  # the same balanced ranking with one tap pattern per block of channels
+        mask = select_dw_taps(weight.abs()[:, 0], 1.0 - keep, balance=True, block=block).mask
     plan = build_plan(weight, mask)
     dense_w = weight * mask.unsqueeze(1)
     x = torch.randn(batch, c, h, w)
@@ -108,7 +113,8 @@ def run_dwconv(args: argparse.Namespace) -> None:
     torch.set_grad_enabled(False)
     bw = measure_bandwidth()
     print(f"# {datetime.date.today()} | {platform.processor() or platform.machine()} | torch {torch.__version__} |"
-          f" threads {torch.get_num_threads()} | ISA {load_extension().cpu_isa()} | copy bandwidth {bw:.1f} GB/s")
+          f" threads {torch.get_num_threads()} | ISA {load_extension().cpu_isa()} | copy bandwidth {bw:.1f} GB/s |"
+          f" masks: balanced, granularity {args.granularity}")
     rows = []
     for model_name in args.models:
         layers = dw_layers(model_name)
@@ -117,7 +123,7 @@ def run_dwconv(args: argparse.Namespace) -> None:
                 tot = dict.fromkeys(["dense_nchw", "dense_cl", "ours_nchw", "ours_cl", "bytes"], 0.0)
                 worst0 = float("inf")
                 for layer in layers:
-                    r = bench_layer(layer, batch, keep, args.repeats)
+                    r = bench_layer(layer, batch, keep, args.repeats, block_size(args.granularity))
                     for k in tot:
                         tot[k] += r[k]
                     best_dense = min(r["dense_nchw"], r["dense_cl"])
@@ -219,6 +225,10 @@ def run_model(args: argparse.Namespace) -> None:
 
     from timm_deprune import DepruneConfig, optimize_for_inference, prune, set_execution
 
+    if args.replot:
+        with open(args.replot) as f:
+            plot_model(json.load(f), args.plot or args.replot.replace(".json", ".png"))
+        return
     torch.set_grad_enabled(False)
     skip = set(args.skip)
     if {"dense_nchw", "dense_cl"} <= skip:
@@ -323,7 +333,7 @@ def plot_model(results: dict, path: str) -> None:
 
     rows = results["rows"]
     keys = [k for k in MODEL_VARIANTS if any(k in r["ms"] for r in rows)]
-    fig, ax = plt.subplots(figsize=(max(8, 2.2 * len(rows)), 5))
+    fig, ax = plt.subplots(figsize=(max(8, 2.2 * len(rows)), 6.5))
     width = 0.8 / len(keys)
     for i, k in enumerate(keys):
         vals = [_best_eager(r["ms"]) / r["ms"][k] if k in r["ms"] else 0 for r in rows]
@@ -333,8 +343,10 @@ def plot_model(results: dict, path: str) -> None:
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))])
     ax.set_xticklabels([f"{r['model']}\nbatch {r['batch']}" for r in rows], fontsize=8)
     ax.set_ylabel("speed-up vs best dense eager (higher is faster)")
-    ax.set_title(results["header"].lstrip("# ")[:120], fontsize=8)
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(results["header"].lstrip("# "), fontsize=7)
+    ax.set_ylim(0, max(ax.get_ylim()[1], 1.0) * 1.05)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}", file=sys.stderr)
@@ -349,6 +361,7 @@ def main() -> None:
     p.add_argument("--keep", nargs="+", type=float, default=[1.0, 0.5, 0.29])
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--per-layer", action="store_true", help="print every layer's timings")
+    p.add_argument("--granularity", default="element", help="'element' or 'block:N' tap patterns (default element)")
     p.set_defaults(fn=run_dwconv)
     p = sub.add_parser("overhead", help="per-call overhead of the custom op vs the eager path")
     p.add_argument("--repeats", type=int, default=11)
@@ -362,6 +375,7 @@ def main() -> None:
     p.add_argument("--skip", nargs="*", default=[], choices=list(MODEL_VARIANTS), help="variants to leave out")
     p.add_argument("--json", help="also write the medians to this JSON file")
     p.add_argument("--plot", help="also write a PNG bar chart of the speed-ups")
+    p.add_argument("--replot", metavar="JSON", help="only draw --plot from a JSON file an earlier run wrote")
     p.set_defaults(fn=run_model)
     p = sub.add_parser("prune", help="time to decide all masks (pruning overhead)")
     p.add_argument("--models", nargs="+", default=["mobilenetv2_100", "mobilenetv3_large_100", "efficientnet_b0"])

@@ -92,3 +92,16 @@ def test_optimize_options(gen):
     same = optimize_for_inference(res.model, inplace=True, channels_last=True, input_size=(3, 64, 64))
     assert same is res.model and not same.training
     assert same.deprune_inference_stats["folded"] > 0
+
+
+def test_channels_last_auto_follows_the_mask_granularity(gen):
+    model = timm.create_model("mobilenetv2_050")
+    element = prune(model, DepruneConfig.deprune_bh(dw_ratio=0.71), input_size=(3, 64, 64)).model
+    block = prune(model, DepruneConfig.deprune_bh(dw_ratio=0.71, granularity="block:8"), input_size=(3, 64, 64)).model
+    assert optimize_for_inference(element, input_size=(3, 64, 64)).deprune_inference_stats["channels_last"] is False
+    opt = optimize_for_inference(block, input_size=(3, 64, 64))
+    assert opt.deprune_inference_stats["channels_last"] is True
+    assert opt.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    assert optimize_for_inference(model, input_size=(3, 64, 64)).deprune_inference_stats["channels_last"] is True
+    with pytest.raises(ValueError, match="channels_last must be True, False or 'auto', got 'yes'"):
+        optimize_for_inference(block, channels_last="yes", input_size=(3, 64, 64))

@@ -18,7 +18,7 @@ from .plan import _set_module
 from .pw import slice_channels
 
 __all__ = ["optimize_for_inference", "fold_all_batchnorms", "fast_squeeze_excite", "fuse_conv_activations",
-           "ConvAct2d"]
+           "ConvAct2d", "prefers_channels_last"]
 
 # Module types whose forward is exactly one of the sparse kernel's fused activations (ops.ACTIVATIONS).
 _FUSABLE = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish", nn.Identity: "identity"}
@@ -232,7 +232,21 @@ def fuse_conv_activations(model: nn.Module, input_size: Sequence[int] = (3, 224,
     return n
 
 
-def optimize_for_inference(model: nn.Module, *, inplace: bool = False, channels_last: bool = False,
+def _block_shared(mask: torch.Tensor, block: int = 8) -> bool:
+    """Whether every ``block`` consecutive channels of a ``[C, kh, kw]`` tap mask share one pattern."""
+    flat = mask.reshape(mask.shape[0], -1)
+    starts = torch.arange(flat.shape[0]) // block * block
+    return bool((flat == flat[starts]).all())
+
+
+def prefers_channels_last(model: nn.Module) -> bool:
+    """The layout ``optimize_for_inference(channels_last="auto")`` picks: channels_last, where PyTorch's dense convs
+    and our kernel with block-shared tap patterns are fastest, unless a masked depth-wise conv has per-channel
+    ("element") patterns, which our CPU kernel runs fastest in NCHW."""
+    return all(_block_shared(m.mask) for m in model.modules() if isinstance(m, MaskedConv2d))
+
+
+def optimize_for_inference(model: nn.Module, *, inplace: bool = False, channels_last="auto",
                            compile: bool = False, input_size: Optional[Sequence[int]] = None,
                            check: bool = True, fuse_activations: bool = True) -> nn.Module:
     """An eval-mode copy of ``model`` with BatchNorms folded into convs, activations fused into the sparse
@@ -243,8 +257,9 @@ def optimize_for_inference(model: nn.Module, *, inplace: bool = False, channels_
     Args:
         model: a pruned (or dense) model.
         inplace: modify ``model`` itself.
-        channels_last: convert to channels_last memory format (our CPU kernel is fastest in NCHW with per-channel
-            taps; channels_last pays with block-shared taps and on CUDA).
+        channels_last: convert to channels_last memory format (True / False), or ``"auto"``: channels_last unless a
+            masked depth-wise conv has per-channel ("element") tap patterns (see :func:`prefers_channels_last`).
+            Feed the result inputs in the same memory format.
         compile: wrap in ``torch.compile`` (the sparse op is a registered custom op, so it stays in the graph).
         input_size: ``(C, H, W)`` of the trace that finds conv -> BN pairs; default the model's pretrained_cfg.
         check: compare the result with the original on a random input and raise if they differ (rel. > 1e-4).
@@ -271,6 +286,10 @@ def optimize_for_inference(model: nn.Module, *, inplace: bool = False, channels_
                 m.__class__ = ConvAct2d
                 m.post_act = "identity"
         stats["onednn_convs"] = sum(type(m) is ConvAct2d for m in model.modules())
+    if channels_last == "auto":
+        channels_last = prefers_channels_last(model)
+    elif not isinstance(channels_last, bool):
+        raise ValueError(f"channels_last must be True, False or 'auto', got {channels_last!r}")
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if reference is not None:
@@ -280,6 +299,7 @@ def optimize_for_inference(model: nn.Module, *, inplace: bool = False, channels_
         if not err < 1e-4:
             raise RuntimeError(f"optimize_for_inference changed the model's output (rel. error {err:.2e}); a conv"
                                " output is probably also read by a functional op. Please report the model.")
+    stats["channels_last"] = channels_last
     model.deprune_inference_stats = stats
     if compile:
         model = torch.compile(model)
