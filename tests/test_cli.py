@@ -186,6 +186,17 @@ def test_block_granularity_is_recorded_and_masks_share_taps(tmp_path):
         assert all(bool((mask[b:b + 8] == mask[b]).all()) for b in range(0, conv.out_channels, 8))
 
 
+def test_bench_times_dense_pruned_and_optimised(pruned):
+    folder = pruned[0]
+    code, out, err = run("bench", str(folder), "--input-size", "3", "64", "64", "--repeats", "2", "--threads", "1")
+    assert code == 0, err
+    assert "dense mobilenetv2_050, eager NCHW" in out and "dense mobilenetv2_050, eager channels_last" in out
+    assert "pruned, as loaded (masked dense)" in out and "pruned, optimised (NCHW, sparse kernels)" in out
+    assert out.count("x vs best dense eager") == 4
+    code, _, err = run("bench", str(folder), "--repeats", "0")
+    assert_one_line_error(code, err, "--repeats must be >= 1, got 0", exit_code=2)
+
+
 def test_unknown_model_suggests_names(tmp_path):
     code, _, err = run("prune", "mobilenetv2_05", "--random-init", "--output", str(tmp_path / "o"))
     assert_one_line_error(code, err, "unknown timm model 'mobilenetv2_05'", "mobilenetv2_050")

@@ -152,6 +152,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the ONNX Runtime comparison with the PyTorch model")
     e.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     e.set_defaults(func=_cmd_export)
+
+    b = sub.add_parser("bench", parents=[common], help="time a pruned model against its dense architecture",
+                       description="Time, side by side on this machine: the dense architecture the model was pruned"
+                       " from (eager, NCHW and channels_last; random weights, the speed does not depend on them),"
+                       " the pruned model as loaded (masked dense), and the pruned model after"
+                       " optimize_for_inference with the sparse kernels (optionally torch.compile'd). Medians of"
+                       " interleaved rounds.")
+    b.add_argument("source", metavar="SOURCE",
+                   help="model folder (from `timm-deprune prune`), local-dir:DIR, hf-hub:ORG/NAME or ORG/NAME")
+    b.add_argument("--batch-size", type=int, default=1, metavar="N", help="batch size (default %(default)s)")
+    b.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
+                   help="input size (default: the model's pretrained_cfg)")
+    b.add_argument("--repeats", type=int, default=10, metavar="N", help="timed rounds (default %(default)s)")
+    b.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
+                   help="layout of the optimised model (default auto: channels_last unless the masks are"
+                   " per-channel)")
+    b.add_argument("--compile", action="store_true", help="also time the optimised model under torch.compile")
+    b.add_argument("--threads", type=int, metavar="N", help="torch threads (default: torch's)")
+    b.set_defaults(func=_cmd_bench)
     return parser
 
 
@@ -565,6 +584,71 @@ def _cmd_export(args: argparse.Namespace) -> None:
     print(f'run it with:  import onnxruntime as ort; sess = ort.InferenceSession("{path}");'
           ' y = sess.run(None, {"input": x})[0]')
     print(f"done in {time.perf_counter() - start:.1f} s")
+
+
+# ---------------------------------------------------------------------------------------------------- bench
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    for flag, low in (("batch_size", 1), ("repeats", 1), ("threads", 1)):
+        value = getattr(args, flag)
+        if value is not None and value < low:
+            raise CliError(f"--{flag.replace('_', '-')} must be >= {low}, got {value}", 2)
+    if args.input_size is not None and min(args.input_size) < 1:
+        raise CliError(f"--input-size must be three positive ints C H W, got {args.input_size}", 2)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        _bench(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bench(args: argparse.Namespace) -> None:
+    import copy
+    import statistics
+
+    from .optimize import optimize_for_inference
+
+    pruned = _load_source(args.source).eval()
+    cfg = getattr(pruned, "pretrained_cfg", None) or {}
+    arch = cfg.get("architecture")
+    if not arch:
+        raise CliError(f"{args.source}: its pretrained_cfg names no architecture to compare with")
+    size = tuple(args.input_size or cfg.get("input_size") or (3, 224, 224))
+    dense = timm.create_model(arch, num_classes=getattr(pruned, "num_classes", 1000), in_chans=size[0]).eval()
+    cl = {"memory_format": torch.channels_last}
+    layout = {"auto": "auto", "on": True, "off": False}[args.channels_last]
+    optimized = optimize_for_inference(pruned, channels_last=layout, input_size=size)
+    use_cl = optimized.deprune_inference_stats["channels_last"]
+    x = torch.randn(args.batch_size, *size)
+    x_cl = x.contiguous(**cl)
+    variants = {
+        f"dense {arch}, eager NCHW": (dense, x),
+        f"dense {arch}, eager channels_last": (copy.deepcopy(dense).to(**cl), x_cl),
+        "pruned, as loaded (masked dense)": (timm_deprune.set_execution(copy.deepcopy(pruned), "dense"), x),
+        f"pruned, optimised ({'channels_last' if use_cl else 'NCHW'}, sparse kernels)": (optimized,
+                                                                                       x_cl if use_cl else x),
+    }
+    if args.compile:
+        variants["pruned, optimised + torch.compile"] = (torch.compile(optimized), x_cl if use_cl else x)
+    samples: dict[str, list[float]] = {k: [] for k in variants}
+    with torch.no_grad():
+        for model, inp in variants.values():  # warm up (and compile)
+            model(inp)
+        for _ in range(args.repeats):
+            for k, (model, inp) in variants.items():
+                t0 = time.perf_counter()
+                model(inp)
+                samples[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
+    best = min(list(med.values())[:2])
+    print(f"batch {args.batch_size}, input {list(size)}, {torch.get_num_threads()} threads, median of"
+          f" {args.repeats} rounds (timm-deprune {timm_deprune.__version__}, torch {torch.__version__})")
+    width = max(map(len, med))
+    for k, v in med.items():
+        print(f"  {k:{width}s} {v:9.2f} ms   {best / v:5.2f}x vs best dense eager")
 
 
 # ---------------------------------------------------------------------------------------------------- info
