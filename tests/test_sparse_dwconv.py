@@ -127,8 +127,10 @@ def test_model_sized_layers_multithreaded(gen):
     run_case(gen, n=2, c=96, h=56, w=56, stride=2, padding=(0, 1, 0, 1), kernel=(3, 3), activation="silu")
     run_case(gen, n=2, c=240, h=28, w=28, stride=1, padding=2, kernel=(5, 5), layout="cl", activation="silu")
     run_case(gen, n=3, c=672, h=14, w=14, stride=2, padding="same", kernel=(5, 5), layout="cl")
-    # > 8 MB of output: the NCHW kernel streams it with non-temporal stores
+    # > 8 MB of output: both kernels stream it with non-temporal stores (channels_last: when C % 8 == 0)
     run_case(gen, n=5, c=160, h=57, w=57, padding=1, activation="hardswish", with_bias=True)
+    run_case(gen, n=5, c=160, h=57, w=57, padding=1, activation="silu", with_bias=True, layout="cl")
+    run_case(gen, n=3, c=96, h=114, w=113, stride=2, padding=(0, 1, 0, 1), layout="cl", activation="relu6")
 
 
 def test_non_contiguous_input_is_handled(gen):

@@ -101,14 +101,19 @@ void sparse_dwconv2d(const DWConvArgs& a, int num_threads) {
   int64_t threads = std::min<int64_t>({num_threads, units, std::max<int64_t>(1, work / kMinWorkPerThread)});
   // Several tasks per thread so an uneven split (unbalanced masks, border rows) evens out.
   const int64_t tasks = threads > 1 ? std::min<int64_t>(units, threads * 4) : 1;
-  // NHWC: one int64 offset per block-tap entry (2 floats each); NCHW: the padded phase planes.
+  // NHWC: one int64 offset per block-tap entry (2 floats each), then a 64-byte aligned staging buffer of one
+  // pixel block (kNhwcPixBlock * C floats) for streamed outputs, then C zeros for taps in the padding;
+  // NCHW: the padded phase planes.
   const int64_t scratch_floats =
-      nhwc ? 2 * static_cast<int64_t>(a.block.offsets[(s.C + kChannelBlock - 1) / kChannelBlock]) + 2
+      nhwc ? 2 * static_cast<int64_t>(a.block.offsets[(s.C + kChannelBlock - 1) / kChannelBlock]) + 32 +
+                 (kNhwcPixBlock + 1) * s.C
            : nchw_scratch_geometry(s).total_floats();
   RangeKernel fn = nhwc ? k.nhwc : k.nchw;
   DWConvArgs args = a;
   // Outputs far beyond the caches go straight to memory: saves the read-for-ownership of every output line.
-  args.stream_output = !nhwc && s.N * s.C * s.OH * s.OW * static_cast<int64_t>(sizeof(float)) > kStreamBytes;
+  // (channels_last: only with whole channel blocks, where a pixel block's output is one contiguous run)
+  args.stream_output = s.N * s.C * s.OH * s.OW * static_cast<int64_t>(sizeof(float)) > kStreamBytes &&
+                       (!nhwc || s.C % kChannelBlock == 0);
   parallel_for(static_cast<int>(tasks), static_cast<int>(threads), [&](int t) {
     thread_local std::vector<float> scratch;
     if (static_cast<int64_t>(scratch.size()) < scratch_floats) scratch.resize(scratch_floats);

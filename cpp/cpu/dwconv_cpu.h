@@ -10,6 +10,7 @@ namespace deprune {
 namespace cpu {
 
 constexpr int kMaxTaps = 11 * 11;  // largest kernel the plan builder accepts
+constexpr int kNhwcPixBlock = 8;   // output pixels per register-blocked step of the channels_last kernel
 
 // Arguments of one call; pointers are host pointers. `block` is used for Layout::NHWC only.
 struct DWConvArgs {
