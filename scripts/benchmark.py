@@ -239,9 +239,12 @@ def run_model(args: argparse.Namespace) -> None:
     except ImportError:
         print("# onnxruntime not installed: ONNX Runtime variants skipped (pip install '.[onnx]')", file=sys.stderr)
         skip |= {"dense_ort", "pruned_ort"}
+    import os
+
     header = (f"# whole-model latency, fp32, {torch.get_num_threads()} threads ({datetime.date.today()},"
               f" {platform.processor() or platform.machine()}, torch {torch.__version__}), median of {args.repeats}"
-              f" interleaved rounds; DEPrune-BH DW {args.dw_ratio:.0%} / PW {args.pw_ratio:.0%}")
+              f" interleaved rounds; DEPrune-BH DW {args.dw_ratio:.0%} / PW {args.pw_ratio:.0%}; GLIBC_TUNABLES="
+              f"{os.environ.get('GLIBC_TUNABLES', '(unset)')}")
     print(header)
     results = {"header": header, "rows": []}
     tmp = tempfile.TemporaryDirectory()

@@ -181,6 +181,7 @@ def test_block_granularity_is_recorded_and_masks_share_taps(tmp_path):
     assert code == 0, err
     model = timm_deprune.from_pretrained(folder)
     assert model.deprune_plan.config["granularity"] == "block:8"
+    assert "granularity='block:8'" in (folder / "README.md").read_text()
     for _, conv in timm_deprune.masked_convs(model):
         mask = conv.mask.reshape(conv.out_channels, -1)
         assert all(bool((mask[b:b + 8] == mask[b]).all()) for b in range(0, conv.out_channels, 8))

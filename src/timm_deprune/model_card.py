@@ -80,5 +80,6 @@ def _method(conf: Mapping) -> str:
 
 
 def _config_str(conf: Mapping) -> str:
-    keys = ("dw_ratio", "pw_ratio", "balance", "align", "tile", "group", "pw_tile", "importance", "remove_dead")
+    keys = ("dw_ratio", "pw_ratio", "balance", "align", "tile", "group", "pw_tile", "importance", "remove_dead",
+            "granularity")
     return ", ".join(f"{k}={conf[k]!r}" for k in keys if k in conf)
