@@ -73,3 +73,26 @@ def randomize_bn(model: torch.nn.Module, gen: torch.Generator) -> torch.nn.Modul
                 m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
                 m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
     return model
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    """``timm_deprune.cli.main(argv)`` in-process with stdout and stderr captured: (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from timm_deprune import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def assert_one_line_error(code: int, err: str, *needles: str, exit_code: int = 1) -> None:
+    """The CLI failed with ``exit_code`` and exactly one ``timm-deprune: error: ...`` line naming every needle."""
+    assert code == exit_code, err
+    assert err.endswith("\n") and err.count("\n") == 1, f"expected one line on stderr, got {err!r}"
+    assert err.startswith("timm-deprune: error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, f"{needle!r} not in {err!r}"

@@ -17,6 +17,8 @@ import timm
 import torch
 
 import timm_deprune
+from conftest import assert_one_line_error
+from conftest import run_cli as run
 from timm_deprune import cli
 from timm_deprune.hub import MASKS_FILE, WEIGHTS_FILE
 
@@ -24,23 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = "mobilenetv2_050"
 SMALL = ["--input-size", "3", "64", "64"]  # keeps the MACs pass cheap
 FOLDER_FILES = {"config.json", WEIGHTS_FILE, MASKS_FILE, "README.md"}
-
-
-def run(*argv: str) -> tuple[int, str, str]:
-    """``cli.main(argv)`` with stdout and stderr captured."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(list(argv))
-    return code, out.getvalue(), err.getvalue()
-
-
-def assert_one_line_error(code: int, err: str, *needles: str, exit_code: int = 1) -> None:
-    assert code == exit_code, err
-    assert err.endswith("\n") and err.count("\n") == 1, f"expected one line on stderr, got {err!r}"
-    assert err.startswith("timm-deprune: error: "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in err, f"{needle!r} not in {err!r}"
 
 
 class FakeApi:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import os
 
 import numpy as np
@@ -23,8 +22,9 @@ pytest.importorskip("onnxscript")
 from onnx import numpy_helper  # noqa: E402
 
 import timm_deprune  # noqa: E402
-from conftest import randomize_bn  # noqa: E402
-from timm_deprune import DepruneConfig, cli, export_onnx, masked_convs, ort_session  # noqa: E402
+from conftest import assert_one_line_error, randomize_bn  # noqa: E402
+from conftest import run_cli as run  # noqa: E402
+from timm_deprune import DepruneConfig, export_onnx, masked_convs, ort_session  # noqa: E402
 from timm_deprune.export import CHECK_RTOL, _export  # noqa: E402
 
 SIZE = (3, 96, 96)
@@ -244,20 +244,6 @@ def test_ort_session_missing_file(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- CLI
-
-
-def run(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(list(argv))
-    return code, out.getvalue(), err.getvalue()
-
-
-def assert_one_line_error(code: int, err: str, *needles: str, exit_code: int = 1) -> None:
-    assert code == exit_code, err
-    assert err.count("\n") == 1 and err.startswith("timm-deprune: error: ") and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, f"{needle!r} not in {err!r}"
 
 
 def test_cli_export_end_to_end(tmp_path, one_thread):
