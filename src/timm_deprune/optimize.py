@@ -1,5 +1,6 @@
-"""``optimize_for_inference``: fold every BatchNorm into the conv before it and fuse activations into the
-sparse depth-wise kernel's epilogue, so a pruned model runs with fewer memory passes."""
+"""``optimize_for_inference``: rewrite a (pruned) model for fast inference without changing its outputs: fold every
+BatchNorm into the conv before it, fuse activations into the sparse depth-wise kernel's epilogue and into oneDNN
+convs, run squeeze-excite's pooled 1x1 convs as matmuls, pick the memory format."""
 from __future__ import annotations
 
 import copy
@@ -157,9 +158,10 @@ def fast_squeeze_excite(model: nn.Module) -> int:
 
 
 # Activation name -> (oneDNN post-op name, scalars, algorithm) of torch.ops.mkldnn._convolution_pointwise.
-_ONEDNN_POST_OPS = {"identity": ("none", [], ""), "relu": ("relu", [], ""), "relu6": ("hardtanh", [0.0, 6.0], ""), "silu": ("swish", [], ""),
-                    "hardswish": ("hardswish", [], ""), "gelu": ("gelu", [], "none")}
-_ACT_FNS = {"identity": lambda v: v, "relu": F.relu, "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish, "gelu": F.gelu}
+_ONEDNN_POST_OPS = {"identity": ("none", [], ""), "relu": ("relu", [], ""), "relu6": ("hardtanh", [0.0, 6.0], ""),
+                    "silu": ("swish", [], ""), "hardswish": ("hardswish", [], ""), "gelu": ("gelu", [], "none")}
+_ACT_FNS = {"identity": lambda v: v, "relu": F.relu, "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish,
+            "gelu": F.gelu}
 
 
 def _onednn_pointwise_available() -> bool:
