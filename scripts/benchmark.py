@@ -252,6 +252,9 @@ def run_model(args: argparse.Namespace) -> None:
     results = {"header": header, "rows": []}
     tmp = tempfile.TemporaryDirectory()
     for name in args.models:
+        # timm models share forward code objects: without a reset, dynamo's per-code recompile limit is reached by
+        # the third model and its "compiled" variants silently run eager
+        torch._dynamo.reset()
         dense = timm.create_model(name).eval()
         cl = dict(memory_format=torch.channels_last)
         element = prune(dense, DepruneConfig.deprune_bh(dw_ratio=args.dw_ratio, pw_ratio=args.pw_ratio)).model.eval()
