@@ -252,9 +252,11 @@ def run_model(args: argparse.Namespace) -> None:
     results = {"header": header, "rows": []}
     tmp = tempfile.TemporaryDirectory()
     for name in args.models:
-        # timm models share forward code objects: without a reset, dynamo's per-code recompile limit is reached by
-        # the third model and its "compiled" variants silently run eager
+        # timm models share forward code objects and every compiled instance (x 2 batch sizes) is one more cache
+        # entry: over dynamo's per-code recompile limit the "compiled" variants would silently run eager
         torch._dynamo.reset()
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        torch._dynamo.config.fail_on_recompile_limit_hit = True  # never time an eager fallback as "compiled"
         dense = timm.create_model(name).eval()
         cl = dict(memory_format=torch.channels_last)
         element = prune(dense, DepruneConfig.deprune_bh(dw_ratio=args.dw_ratio, pw_ratio=args.pw_ratio)).model.eval()
