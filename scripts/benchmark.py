@@ -354,7 +354,7 @@ def plot_model(results: dict, path: str) -> None:
     width = 0.8 / len(keys)
     for i, k in enumerate(keys):
         vals = [_best_eager(r["ms"]) / r["ms"][k] if k in r["ms"] else 0 for r in rows]
-        ax.bar([j + i * width for j in range(len(rows))], vals, width, label=MODEL_VARIANTS[k],
+        ax.bar([j + i * width for j in range(len(rows))], vals, width, label=MODEL_VARIANTS[k], color=plt.cm.tab20(i),
                hatch="//" if k.startswith(("ours", "masked")) or k == "pruned_ort" else None)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))])
