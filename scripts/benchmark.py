@@ -234,6 +234,11 @@ def run_model(args: argparse.Namespace) -> None:
         return
     torch.set_grad_enabled(False)
     skip = set(args.skip)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: torch.cuda.is_available() is False")
+        skip |= {"dense_ort", "pruned_ort"}  # ONNX Runtime runs on the CPU provider here
     if {"dense_nchw", "dense_cl"} <= skip:
         raise SystemExit("keep dense_nchw or dense_cl: every ratio is against the best dense eager layout")
     try:
@@ -244,8 +249,10 @@ def run_model(args: argparse.Namespace) -> None:
         skip |= {"dense_ort", "pruned_ort"}
     import os
 
-    header = (f"# whole-model latency, fp32, {torch.get_num_threads()} threads ({datetime.date.today()},"
-              f" {platform.processor() or platform.machine()}, torch {torch.__version__}), median of {args.repeats}"
+    where = (f"{torch.cuda.get_device_name(device)}" if device.type == "cuda"
+             else f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    header = (f"# whole-model latency, fp32, {where} ({datetime.date.today()},"
+              f" torch {torch.__version__}), median of {args.repeats}"
               f" interleaved rounds; DEPrune-BH DW {args.dw_ratio:.0%} / PW {args.pw_ratio:.0%}; GLIBC_TUNABLES="
               f"{os.environ.get('GLIBC_TUNABLES', '(unset)')}")
     print(header)
@@ -262,6 +269,8 @@ def run_model(args: argparse.Namespace) -> None:
         element = prune(dense, DepruneConfig.deprune_bh(dw_ratio=args.dw_ratio, pw_ratio=args.pw_ratio)).model.eval()
         block = prune(dense, DepruneConfig.deprune_bh(dw_ratio=args.dw_ratio, pw_ratio=args.pw_ratio,
                                                       granularity="block:8")).model.eval()
+        if device.type != "cpu":  # pruned on the CPU (ONNX export below also reads these CPU models)
+            dense, element, block = (copy.deepcopy(m).to(device) for m in (dense, element, block))
         models = {
             "dense_nchw": (dense, False),
             "dense_cl": (copy.deepcopy(dense).to(**cl), True),
@@ -285,9 +294,9 @@ def run_model(args: argparse.Namespace) -> None:
                 path = export_onnx(src, f"{tmp.name}/{name}_{key}.onnx", overwrite=True)
                 sessions[key] = ort_session(path)
         for batch in args.batch:
-            x = torch.randn(batch, 3, 224, 224)
+            x = torch.randn(batch, 3, 224, 224, device=device)
             x_cl = x.contiguous(**cl)
-            x_np = x.numpy()
+            x_np = x.cpu().numpy()
             variants = {}
             for key in MODEL_VARIANTS:
                 if key in skip:
@@ -299,6 +308,8 @@ def run_model(args: argparse.Namespace) -> None:
                 elif key in models:
                     m, use_cl = models[key]
                     variants[key] = (lambda m=m, xx=(x_cl if use_cl else x): m(xx))
+            if device.type == "cuda":  # time finished GPU work, not kernel launches
+                variants = {k: (lambda f=f: (f(), torch.cuda.synchronize())) for k, f in variants.items()}
             for fn in variants.values():  # warm up (and compile) outside the timed rounds
                 fn(), fn()
             inner = 5 if batch == 1 else 1
@@ -393,6 +404,7 @@ def main() -> None:
     p.add_argument("--json", help="also write the medians to this JSON file")
     p.add_argument("--plot", help="also write a PNG bar chart of the speed-ups")
     p.add_argument("--replot", metavar="JSON", help="only draw --plot from a JSON file an earlier run wrote")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: our CUDA kernel vs cuDNN; no ORT on cuda")
     p.set_defaults(fn=run_model)
     p = sub.add_parser("prune", help="time to decide all masks (pruning overhead)")
     p.add_argument("--models", nargs="+", default=["mobilenetv2_100", "mobilenetv3_large_100", "efficientnet_b0"])

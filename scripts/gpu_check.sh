@@ -6,7 +6,8 @@
 # Python: $PYTHON if set, else `python3` when it already has torch (GPU images usually do, and may have no
 # internet), else a new venv in .gpu-venv with torch installed from PyPI (needs internet).
 # The build targets this machine's GPU unless DEPRUNE_CUDA_ARCHITECTURES is set (e.g. "80-real;90-real").
-# Per-layer benchmark results are written to gpu_bench.json; the summary table is printed last.
+# Whole-model results go to gpu_model_bench.json, per-layer results to gpu_bench.json; the layer summary table is
+# printed last.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -72,5 +73,10 @@ say "GPU tests"
 "$PY" -m pytest -p no:cacheprovider -m gpu tests || die "GPU tests failed"
 
 # --- benchmark --------------------------------------------------------------------------------------------------
+say "benchmark: whole models on the GPU, dense (cuDNN) vs DEPrune-BH optimised with our CUDA kernel"
+"$PY" -c 'import timm' 2>/dev/null || "$PY" -m pip install timm || die "timm is needed for the model benchmark"
+"$PY" scripts/benchmark.py model --device cuda --repeats 20 --json gpu_model_bench.json ||
+  die "model benchmark failed"
+
 say "benchmark: sparse kernel vs dense F.conv2d (cuDNN) on the depth-wise layers"
 "$PY" scripts/gpu_bench.py --json gpu_bench.json "$@"
