@@ -281,3 +281,15 @@ def test_cli_export_errors(tmp_path):
     code, _, err = run("export", str(tmp_path), "--output", str(tmp_path / "m.onnx"), "--opset", "13")
     assert_one_line_error(code, err, "--opset must be >= 18, got 13", exit_code=2)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_optimized_model_exports_with_plain_ops(tmp_path, gen):
+    """ConvAct2d / linear squeeze-excite fall back to ONNX-translatable ops while the exporter traces them."""
+    from timm_deprune import optimize_for_inference
+
+    dense = randomize_bn(timm.create_model("mobilenetv3_small_050"), gen)
+    pruned = timm_deprune.prune(dense, DepruneConfig.deprune_bh(0.71, 0.3), input_size=(3, 64, 64)).model.eval()
+    opt = optimize_for_inference(pruned, channels_last=False, input_size=(3, 64, 64))
+    assert opt.deprune_inference_stats["onednn_convs"] > 0
+    path = export_onnx(opt, tmp_path / "opt.onnx", input_size=(3, 64, 64))  # checked in ORT against opt
+    assert path.is_file()

@@ -196,9 +196,10 @@ class ConvAct2d(nn.Conv2d):
         return hit[1]
 
     def forward(self, x):
+        # torch.compile, torch.export and the dynamo ONNX exporter all report is_compiling(); the TorchScript ONNX
+        # exporter traces (is_tracing): each gets the plain ops it can translate
         if (not self.training and x.device.type == "cpu" and x.dtype == torch.float32 and _ONEDNN_OK
-                and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-                and not torch.onnx.is_in_onnx_export()):
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
             attr, scalars, algorithm = _ONEDNN_POST_OPS[self.post_act]
             return torch.ops.mkldnn._convolution_pointwise(
                 x, self._packed_weight(x), self.bias, list(self.padding), list(self.stride), list(self.dilation),
