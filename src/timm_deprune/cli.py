@@ -228,6 +228,17 @@ def _config(args: argparse.Namespace) -> DepruneConfig:
         raise CliError(f"invalid pruning options: {e}", 2) from e
 
 
+def _check_numbers(args: argparse.Namespace, **lows: int) -> None:
+    """One-line usage errors (exit 2) for numeric flags below their minimum, and for a non-positive --input-size."""
+    for flag, low in lows.items():
+        value = getattr(args, flag)
+        if value is not None and value < low:
+            raise CliError(f"--{flag.replace('_', '-')} must be >= {low}, got {value}", 2)
+    size = getattr(args, "input_size", None)
+    if size is not None and min(size) < 1:
+        raise CliError(f"--input-size must be three positive ints C H W, got {size}", 2)
+
+
 def _check_args(args: argparse.Namespace) -> None:
     """Everything that can be checked before loading the model, so a mistake costs no download."""
     if not (args.pretrained or args.checkpoint or args.random_init):
@@ -237,18 +248,13 @@ def _check_args(args: argparse.Namespace) -> None:
         raise CliError("--private / --token only apply with --push-to-hub REPO", 2)
     if (args.epochs is not None or args.distill or args.device) and args.data_dir is None:
         raise CliError("--epochs / --distill / --device are recalibration options: they need --data-dir DIR", 2)
-    for flag, low in (("epochs", 1), ("batch_size", 1), ("workers", 0)):
-        value = getattr(args, flag)
-        if value is not None and value < low:
-            raise CliError(f"--{flag.replace('_', '-')} must be >= {low}, got {value}", 2)
+    _check_numbers(args, epochs=1, batch_size=1, workers=0)
     if args.data_dir is not None:
         if _recalibration_api() is None:
             raise CliError(f"recalibration (--data-dir) is not available in timm-deprune {timm_deprune.__version__};"
                            " prune without --data-dir and fine-tune the saved model separately")
         if not args.data_dir.is_dir():
             raise CliError(f"--data-dir {args.data_dir} is not a folder")
-    if args.input_size is not None and min(args.input_size) < 1:
-        raise CliError(f"--input-size must be three positive ints C H W, got {args.input_size}", 2)
     for flag in ("num_classes", "in_chans"):
         value = getattr(args, flag)
         if value is not None and value < (0 if flag == "num_classes" else 1):
@@ -554,12 +560,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
     from .export import MIN_OPSET, _export, _opset
 
     start = time.perf_counter()
-    for flag, low in (("batch_size", 1), ("opset", MIN_OPSET)):
-        value = getattr(args, flag)
-        if value is not None and value < low:
-            raise CliError(f"--{flag.replace('_', '-')} must be >= {low}, got {value}", 2)
-    if args.input_size is not None and min(args.input_size) < 1:
-        raise CliError(f"--input-size must be three positive ints C H W, got {args.input_size}", 2)
+    _check_numbers(args, batch_size=1, opset=MIN_OPSET)
     output = args.output.expanduser().absolute()
     if output.is_dir():
         raise CliError(f"--output {output} is a folder; give the .onnx file to write")
@@ -590,12 +591,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
-    for flag, low in (("batch_size", 1), ("repeats", 1), ("threads", 1)):
-        value = getattr(args, flag)
-        if value is not None and value < low:
-            raise CliError(f"--{flag.replace('_', '-')} must be >= {low}, got {value}", 2)
-    if args.input_size is not None and min(args.input_size) < 1:
-        raise CliError(f"--input-size must be three positive ints C H W, got {args.input_size}", 2)
+    _check_numbers(args, batch_size=1, repeats=1, threads=1)
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
