@@ -105,3 +105,35 @@ def test_channels_last_auto_follows_the_mask_granularity(gen):
     assert optimize_for_inference(model, input_size=(3, 64, 64)).deprune_inference_stats["channels_last"] is True
     with pytest.raises(ValueError, match="channels_last must be True, False or 'auto', got 'yes'"):
         optimize_for_inference(block, channels_last="yes", input_size=(3, 64, 64))
+
+
+def test_squeeze_excite_gates_in_place_only_inside_blocks_that_consume_its_input(gen):
+    from timm.models._efficientnet_blocks import SqueezeExcite
+
+    from timm_deprune.optimize import fast_squeeze_excite
+
+    torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
+    model = timm.create_model("efficientnet_b0").eval()
+    lone = torch.nn.Sequential(SqueezeExcite(24)).eval()  # not in a timm block: its input may be read again
+    assert fast_squeeze_excite(model) == 16 and fast_squeeze_excite(lone) == 1
+    assert all(m.inplace_gate for m in model.modules() if hasattr(m, "inplace_gate"))
+    assert lone[0].inplace_gate is False
+    x = torch.randn(2, 24, 5, 5, generator=gen)
+    kept = x.clone()
+    with torch.no_grad():
+        lone(x)
+    assert torch.equal(x, kept)
+    se = model.blocks[1][0].se
+    x = torch.randn(2, se.conv_reduce.in_channels, 5, 5, generator=gen)
+    ref = x * torch.sigmoid(torch.nn.functional.linear(torch.nn.functional.silu(torch.nn.functional.linear(
+        x.mean((2, 3)), se.conv_reduce.weight.flatten(1), se.conv_reduce.bias)), se.conv_expand.weight.flatten(1),
+        se.conv_expand.bias))[:, :, None, None]
+    y = x.clone().requires_grad_()
+    out = se(y * 1)  # with grad enabled: out of place, so autograd sees no modified tensor
+    out.sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    z = x.clone()
+    with torch.no_grad():
+        out = se(z)
+    assert out is z  # inference: the gate went into the input tensor
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)

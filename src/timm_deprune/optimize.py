@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from timm.layers import MixedConv2d
-from timm.models._efficientnet_blocks import SqueezeExcite
+from timm.models._efficientnet_blocks import (DepthwiseSeparableConv, EdgeResidual, InvertedResidual, SqueezeExcite,
+                                              UniversalInvertedResidual)
 
 from .layers import MaskedConv2d, fold_batchnorm
 from .plan import _set_module
@@ -135,24 +136,41 @@ def fold_all_batchnorms(model: nn.Module, input_size: Sequence[int] = (3, 224, 2
 class _LinearSqueezeExcite(SqueezeExcite):
     """timm's efficientnet-family ``SqueezeExcite`` with its two 1x1 convs on the pooled ``[N, C, 1, 1]`` tensor run
     as matrix products: PyTorch's CPU conv path for a 1x1 spatial input is slow (tens of µs at batch 1, ms at
-    batch 16); ``F.linear`` computes the same sums. Same parameters and state-dict keys as the original."""
+    batch 16); ``F.linear`` computes the same sums. Same parameters and state-dict keys as the original.
+
+    With ``inplace_gate`` (set only where the block's forward reads the input of ``se`` nowhere else) inference
+    multiplies the gate into the input tensor: a fresh output the size of the block's widest activation costs a
+    page fault per 4 KiB at batch 16 (measured 46 ms vs 7 ms for a 77 MB tensor on the dev VM)."""
+
+    inplace_gate: bool = False
 
     def forward(self, x):
         s = x.mean((2, 3))
         s = self.act1(F.linear(s, self.conv_reduce.weight.flatten(1), self.conv_reduce.bias))
         s = F.linear(s, self.conv_expand.weight.flatten(1), self.conv_expand.bias)
-        return x * self.gate(s)[:, :, None, None]
+        gate = self.gate(s)[:, :, None, None]
+        if self.inplace_gate and not torch.is_grad_enabled() and not self.training:
+            return x.mul_(gate)
+        return x * gate
+
+
+# Blocks whose forward is ``x = self.se(x)`` on a tensor the block computed (never its input, never read again).
+_SE_CONSUMING_BLOCKS = (DepthwiseSeparableConv, InvertedResidual, EdgeResidual, UniversalInvertedResidual)
 
 
 def fast_squeeze_excite(model: nn.Module) -> int:
     """Swap (in place) every timm efficientnet-family squeeze-excite whose convs are plain 1x1 convs to
-    :class:`_LinearSqueezeExcite`; returns how many were swapped."""
+    :class:`_LinearSqueezeExcite`, gating in place where its block consumes its input; returns how many were
+    swapped."""
+    consumed = {id(b.se) for b in model.modules() if isinstance(b, _SE_CONSUMING_BLOCKS)
+                and isinstance(getattr(b, "se", None), SqueezeExcite)}
     n = 0
     for m in model.modules():
         if type(m) is SqueezeExcite and all(
                 type(c) is nn.Conv2d and c.kernel_size == (1, 1) and c.groups == 1 and c.padding == (0, 0)
                 and c.stride == (1, 1) and c.dilation == (1, 1) for c in (m.conv_reduce, m.conv_expand)):
             m.__class__ = _LinearSqueezeExcite
+            m.inplace_gate = id(m) in consumed
             n += 1
     return n
 
