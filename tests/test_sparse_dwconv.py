@@ -131,6 +131,11 @@ def test_model_sized_layers_multithreaded(gen):
     run_case(gen, n=5, c=160, h=57, w=57, padding=1, activation="hardswish", with_bias=True)
     run_case(gen, n=5, c=160, h=57, w=57, padding=1, activation="silu", with_bias=True, layout="cl")
     run_case(gen, n=3, c=96, h=114, w=113, stride=2, padding=(0, 1, 0, 1), layout="cl", activation="relu6")
+    # channels_last narrow layers (a quarter or more border pixels) run in the grouped order: streamed output,
+    # channels beyond the last whole block of 8, 7x7 maps where no row has a full block of interior pixels
+    run_case(gen, n=16, c=672, h=14, w=14, padding=2, kernel=(5, 5), layout="cl", activation="silu", with_bias=True)
+    run_case(gen, n=2, c=1163, h=7, w=7, padding=2, kernel=(5, 5), layout="cl", activation="gelu", with_bias=True)
+    run_case(gen, n=3, c=21, h=14, w=15, stride=2, padding=(1, 2, 0, 1), kernel=(3, 5), layout="cl")
 
 
 def test_non_contiguous_input_is_handled(gen):

@@ -101,12 +101,9 @@ void sparse_dwconv2d(const DWConvArgs& a, int num_threads) {
   int64_t threads = std::min<int64_t>({num_threads, units, std::max<int64_t>(1, work / kMinWorkPerThread)});
   // Several tasks per thread so an uneven split (unbalanced masks, border rows) evens out.
   const int64_t tasks = threads > 1 ? std::min<int64_t>(units, threads * 4) : 1;
-  // NHWC: one int64 offset per block-tap entry (2 floats each), then a 64-byte aligned staging buffer of one
-  // pixel block (kNhwcPixBlock * C floats) for streamed outputs, then C zeros for taps in the padding;
-  // NCHW: the padded phase planes.
+  // NHWC: see nhwc_scratch_floats; NCHW: the padded phase planes.
   const int64_t scratch_floats =
-      nhwc ? 2 * static_cast<int64_t>(a.block.offsets[(s.C + kChannelBlock - 1) / kChannelBlock]) + 32 +
-                 (kNhwcPixBlock + 1) * s.C
+      nhwc ? nhwc_scratch_floats(s, a.block.offsets[(s.C + kChannelBlock - 1) / kChannelBlock])
            : nchw_scratch_geometry(s).total_floats();
   RangeKernel fn = nhwc ? k.nhwc : k.nchw;
   DWConvArgs args = a;

@@ -12,6 +12,12 @@ namespace cpu {
 constexpr int kMaxTaps = 11 * 11;  // largest kernel the plan builder accepts
 constexpr int kNhwcPixBlock = 8;   // output pixels per register-blocked step of the channels_last kernel
 
+// Scratch floats of one channels_last task: an int64 offset per block-tap entry, a 64-byte aligned staging
+// block of kNhwcPixBlock pixels, C zeros, and the tap pointers of one row's bounds-checked pixels.
+inline int64_t nhwc_scratch_floats(const DWConvShape& s, int64_t entries) {
+  return 2 * entries + 32 + (kNhwcPixBlock + 1) * s.C + 2 + 2 * s.OW * s.kh * s.kw;
+}
+
 // Arguments of one call; pointers are host pointers. `block` is used for Layout::NHWC only.
 struct DWConvArgs {
   DWConvShape shape;
