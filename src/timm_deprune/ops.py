@@ -262,6 +262,8 @@ def _make_call(x: torch.Tensor, plan_tensors: Sequence[torch.Tensor], kh: int, k
     layout = _layout(x)
     fmt = torch.channels_last if layout else torch.contiguous_format
     shape = _out_shape(x, kh, kw, stride, pads, dilation)
+    # torch.empty_strided with the strides torch.empty(..., memory_format=fmt) gives: 1.9 vs 3.6 µs per call
+    strides = torch.empty(shape, device="meta", memory_format=fmt).stride()
     geom = (*x.shape, shape[2], shape[3], kh, kw, stride[0], stride[1], dilation[0], dilation[1], pads[0], pads[2],
             act)
     if x.device.type == "cpu":
@@ -269,7 +271,7 @@ def _make_call(x: torch.Tensor, plan_tensors: Sequence[torch.Tensor], kh: int, k
         fn, tail = ext.dwconv2d_cpu, geom + (layout,)
 
         def call(x: torch.Tensor, bias: Optional[torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
-            y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt) if out is None else out
+            y = torch.empty_strided(shape, strides, dtype=x.dtype, device=x.device) if out is None else out
             fn(x.data_ptr(), y.data_ptr(), *head, bias.data_ptr() if bias is not None else 0, *tail,
                torch.get_num_threads())
             return y
@@ -278,7 +280,7 @@ def _make_call(x: torch.Tensor, plan_tensors: Sequence[torch.Tensor], kh: int, k
         fn, tail = ext.dwconv2d_cuda, geom + (_DTYPE_CODES[x.dtype], layout, x.device.index or 0)
 
         def call(x: torch.Tensor, bias: Optional[torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
-            y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt) if out is None else out
+            y = torch.empty_strided(shape, strides, dtype=x.dtype, device=x.device) if out is None else out
             fn(x.data_ptr(), y.data_ptr(), *head, bias.data_ptr() if bias is not None else 0, *tail,
                torch.cuda.current_stream(x.device).cuda_stream)
             return y

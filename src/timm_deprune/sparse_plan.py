@@ -81,7 +81,7 @@ class SparseDWPlan:
         weight = self._weight_ref()
         if weight is None:
             return
-        if tuple(weight.shape) != self.weight_shape:
+        if weight.shape != self.weight_shape:  # torch.Size compares equal to a tuple; no tuple() copy per call
             raise ValueError(
                 f"SparseDWPlan was built for a depth-wise weight of shape {list(self.weight_shape)}, but that weight"
                 f" now has shape {list(weight.shape)}; rebuild the plan with build_plan(weight, mask)"
