@@ -131,6 +131,10 @@ def test_model_sized_layers_multithreaded(gen):
     run_case(gen, n=5, c=160, h=57, w=57, padding=1, activation="hardswish", with_bias=True)
     run_case(gen, n=5, c=160, h=57, w=57, padding=1, activation="silu", with_bias=True, layout="cl")
     run_case(gen, n=3, c=96, h=114, w=113, stride=2, padding=(0, 1, 0, 1), layout="cl", activation="relu6")
+    # channels_last inputs over 8 MB with C >= 64 read the window from a ring of input-row copies: a 9-row window
+    # (5x5, dilation 2), channels beyond the last whole block of 8, several images per task
+    run_case(gen, n=9, c=64, h=64, w=64, kernel=(5, 5), dilation=2, padding=4, layout="cl", activation="relu")
+    run_case(gen, n=6, c=100, h=64, w=65, stride=2, padding=(1, 1, 0, 1), layout="cl", with_bias=True)
     # channels_last narrow layers (a quarter or more border pixels) run in the grouped order: streamed output,
     # channels beyond the last whole block of 8, 7x7 maps where no row has a full block of interior pixels
     run_case(gen, n=16, c=672, h=14, w=14, padding=2, kernel=(5, 5), layout="cl", activation="silu", with_bias=True)
