@@ -13,24 +13,30 @@ constexpr int kMaxTaps = 11 * 11;  // largest kernel the plan builder accepts
 constexpr int kNhwcPixBlock = 8;   // output pixels per register-blocked step of the channels_last kernel
 
 constexpr int64_t kMaxSpan = 21;                  // rows of the largest window: 11 taps, dilation 2
-constexpr int64_t kNhwcRingInput = 8 << 20;      // input size above which the channels_last kernel uses a ring
+constexpr int64_t kNhwcFarInput = 8 << 20;       // input bytes above which channels_last prefetches / uses a ring
 constexpr int64_t kNhwcRingBytes = 512 << 10;    // most bytes of one task's ring (it must stay in L2)
 constexpr int64_t kNhwcRingChannels = 64;        // fewest channels: with 32 (112x112) the ring was 0.89-0.93x
 
-// Whether the row-by-row channels_last order copies input rows into a ring (see nhwc_range). Paired A/B at batch
-// 16 (BENCHMARKS.md): 1.25-1.5x on the 56x56, 28x28 and 112x112 stride-2 layers of mobilenetv2 / efficientnet_b0.
+// Input rows under the kernel window of one output row.
+inline int64_t window_rows(const DWConvShape& s) { return (s.kh - 1) * static_cast<int64_t>(s.dil_h) + 1; }
+
+// Whether the input is far beyond the caches (batch 16 of the models' early layers).
+inline bool nhwc_far_input(const DWConvShape& s) {
+  return s.N * s.C * s.H * s.W * static_cast<int64_t>(sizeof(float)) > kNhwcFarInput;
+}
+
+// Whether the row-by-row channels_last order copies input rows into a ring (see RowRing). Paired A/B at batch 16
+// (BENCHMARKS.md): 1.25-1.5x on the 56x56, 28x28 and 112x112 stride-2 layers of mobilenetv2 / efficientnet_b0.
 inline bool nhwc_ring(const DWConvShape& s) {
-  const int64_t span = (s.kh - 1) * static_cast<int64_t>(s.dil_h) + 1;
-  return s.C >= kNhwcRingChannels && s.N * s.C * s.H * s.W * static_cast<int64_t>(sizeof(float)) > kNhwcRingInput &&
-         2 * span * s.W * s.C * static_cast<int64_t>(sizeof(float)) <= kNhwcRingBytes;
+  return s.C >= kNhwcRingChannels && nhwc_far_input(s) &&
+         2 * window_rows(s) * s.W * s.C * static_cast<int64_t>(sizeof(float)) <= kNhwcRingBytes;
 }
 
 // Scratch floats of one channels_last task: an int64 offset per block-tap entry, a 64-byte aligned staging
 // block of kNhwcPixBlock pixels, C zeros, the tap pointers of one row's bounds-checked pixels, and the row ring.
 inline int64_t nhwc_scratch_floats(const DWConvShape& s, int64_t entries) {
-  const int64_t span = (s.kh - 1) * static_cast<int64_t>(s.dil_h) + 1;
   return 2 * entries + 32 + (kNhwcPixBlock + 1) * s.C + 2 + 2 * s.OW * s.kh * s.kw +
-         (nhwc_ring(s) ? 16 + 2 * span * s.W * s.C : 0);
+         (nhwc_ring(s) ? 16 + 2 * window_rows(s) * s.W * s.C : 0);
 }
 
 // Arguments of one call; pointers are host pointers. `block` is used for Layout::NHWC only.
