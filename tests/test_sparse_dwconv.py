@@ -140,6 +140,13 @@ def test_model_sized_layers_multithreaded(gen):
     run_case(gen, n=16, c=672, h=14, w=14, padding=2, kernel=(5, 5), layout="cl", activation="silu", with_bias=True)
     run_case(gen, n=2, c=1163, h=7, w=7, padding=2, kernel=(5, 5), layout="cl", activation="gelu", with_bias=True)
     run_case(gen, n=3, c=21, h=14, w=15, stride=2, padding=(1, 2, 0, 1), kernel=(3, 5), layout="cl")
+    # ... and with a 5x5 window or larger and most taps kept, in the tiled order (a unit = an image and up to 8
+    # channel blocks copied into zero-padded tiles): a last unit with fewer blocks and a partial block, TF-"same"
+    # padding with dilation 2, 28x28 maps (two blocks per unit), an 11x11 window at stride 2
+    run_case(gen, n=3, c=44, h=7, w=7, padding=2, kernel=(5, 5), layout="cl", keep=0.9, activation="relu6")
+    run_case(gen, n=2, c=70, h=13, w=10, padding="same", kernel=(5, 5), dilation=2, layout="cl", keep=0.9)
+    run_case(gen, n=4, c=100, h=28, w=28, padding=2, kernel=(5, 5), layout="cl", keep=1.0, activation="hardswish")
+    run_case(gen, n=2, c=16, h=15, w=15, stride=2, padding=(5, 0, 5, 0), kernel=(11, 11), layout="cl", keep=1.0)
 
 
 def test_non_contiguous_input_is_handled(gen):

@@ -73,6 +73,34 @@ constexpr int64_t kMinWorkPerThread = 48 * 1024;
 // Output size above which the NCHW kernel uses non-temporal stores.
 constexpr int64_t kStreamBytes = 8 << 20;
 
+int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+// Output positions along one axis whose whole window lies inside the input (no padding read).
+int64_t interior(int64_t out, int64_t in, int64_t pad, int64_t k, int64_t dil, int64_t stride) {
+  const int64_t lo = std::min(out, std::max<int64_t>(0, -floor_div(-pad, stride)));
+  const int64_t hi = std::max(lo, std::min(out, floor_div(in - 1 + pad - (k - 1) * dil, stride) + 1));
+  return hi - lo;
+}
+
+// Whether the channels_last kernel runs in the tiled order: where the grouped order would (at least a quarter of
+// the output pixels have part of their window in the padding), with a window of at least 25 taps, one block's
+// tile within kNhwcTileBytes, and at least 16 multiply-adds per output pixel and block for every input pixel
+// copied into its tile (entries / blocks * outputs / copied inputs): the 5x5 layers at stride 1 with most of each
+// block's taps kept, as element masks give. Paired A/B against the grouped order (BENCHMARKS.md), efficientnet_b0's
+// 5x5 stride-1 layers: every tap kept 1.15-1.45x, element masks at 29% 1.0-1.4x, at batch 1 and 16; with
+// block:8 masks (7 or 12 taps of 25 per block) 0.75-1.15x, and 3x3 windows 0.8-1.04x: there copying the input
+// costs about what the bounds checks it saves do.
+bool nhwc_tiled(const DWConvShape& s, int64_t entries) {
+  const int64_t inner = interior(s.OH, s.H, s.pad_top, s.kh, s.dil_h, s.stride_h) *
+                        interior(s.OW, s.W, s.pad_left, s.kw, s.dil_w, s.stride_w);
+  if (s.kh * s.kw < 25 || 4 * (s.OH * s.OW - inner) < s.OH * s.OW) return false;
+  const NhwcTile g = nhwc_tile_geometry(s);
+  if (g.floats() * static_cast<int64_t>(sizeof(float)) > kNhwcTileBytes) return false;
+  const int64_t blocks = (s.C + kChannelBlock - 1) / kChannelBlock;
+  const int64_t copied = std::min<int64_t>(s.H, g.rows - s.pad_top) * std::min<int64_t>(s.W, g.cols - s.pad_left);
+  return entries * s.OH * s.OW >= 16 * blocks * copied;
+}
+
 }  // namespace
 
 const char* isa() { return current().name; }
@@ -95,7 +123,11 @@ void sparse_dwconv2d(const DWConvArgs& a, int num_threads) {
   if (s.kh * s.kw > kMaxTaps) throw std::invalid_argument("kernel larger than 11x11");
   const IsaKernels& k = current();
   const bool nhwc = a.layout == Layout::NHWC;
-  const int64_t units = nhwc ? s.N * s.OH : s.N * s.C;
+  const int64_t blocks = (s.C + kChannelBlock - 1) / kChannelBlock;
+  const bool tiled = nhwc && nhwc_tiled(s, a.block.offsets[blocks]);
+  // Units of work: (n, c) planes (NCHW), (n, oy) output rows or (n, group of channel blocks) (channels_last).
+  const int64_t units =
+      !nhwc ? s.N * s.C : tiled ? s.N * ((blocks + nhwc_tile_blocks(s) - 1) / nhwc_tile_blocks(s)) : s.N * s.OH;
   const int64_t nnz = a.taps.offsets[s.C];
   const int64_t work = (nnz + s.C) * s.N * s.OH * s.OW;
   int64_t threads = std::min<int64_t>({num_threads, units, std::max<int64_t>(1, work / kMinWorkPerThread)});
@@ -103,14 +135,14 @@ void sparse_dwconv2d(const DWConvArgs& a, int num_threads) {
   const int64_t tasks = threads > 1 ? std::min<int64_t>(units, threads * 4) : 1;
   // NHWC: see nhwc_scratch_floats; NCHW: the padded phase planes.
   const int64_t scratch_floats =
-      nhwc ? nhwc_scratch_floats(s, a.block.offsets[(s.C + kChannelBlock - 1) / kChannelBlock])
-           : nchw_scratch_geometry(s).total_floats();
+      nhwc ? nhwc_scratch_floats(s, a.block.offsets[blocks], tiled) : nchw_scratch_geometry(s).total_floats();
   RangeKernel fn = nhwc ? k.nhwc : k.nchw;
   DWConvArgs args = a;
+  args.nhwc_tiled = tiled;
   // Outputs far beyond the caches go straight to memory: saves the read-for-ownership of every output line.
   // (channels_last: only with whole channel blocks, where a pixel block's output is one contiguous run)
   args.stream_output = s.N * s.C * s.OH * s.OW * static_cast<int64_t>(sizeof(float)) > kStreamBytes &&
-                       (!nhwc || s.C % kChannelBlock == 0);
+                       (!nhwc || (s.C % kChannelBlock == 0 && !tiled));
   parallel_for(static_cast<int>(tasks), static_cast<int>(threads), [&](int t) {
     thread_local std::vector<float> scratch;
     if (static_cast<int64_t>(scratch.size()) < scratch_floats) scratch.resize(scratch_floats);

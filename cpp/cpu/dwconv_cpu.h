@@ -32,9 +32,31 @@ inline bool nhwc_ring(const DWConvShape& s) {
          2 * window_rows(s) * s.W * s.C * static_cast<int64_t>(sizeof(float)) <= kNhwcRingBytes;
 }
 
-// Scratch floats of one channels_last task: an int64 offset per block-tap entry, a 64-byte aligned staging
-// block of kNhwcPixBlock pixels, C zeros, the tap pointers of one row's bounds-checked pixels, and the row ring.
-inline int64_t nhwc_scratch_floats(const DWConvShape& s, int64_t entries) {
+// Tiled channels_last order (small images; the dispatcher's nhwc_tiled decides): the zero-padded input of one
+// image and one channel block that the output's windows cover, rows x cols pixels of kChannelBlock floats.
+struct NhwcTile {
+  int64_t rows, cols;
+  int64_t floats() const { return rows * cols * kChannelBlock; }
+};
+inline NhwcTile nhwc_tile_geometry(const DWConvShape& s) {
+  return {(s.OH - 1) * static_cast<int64_t>(s.stride_h) + (s.kh - 1) * static_cast<int64_t>(s.dil_h) + 1,
+          (s.OW - 1) * static_cast<int64_t>(s.stride_w) + (s.kw - 1) * static_cast<int64_t>(s.dil_w) + 1};
+}
+// Channel blocks per unit of the tiled order: as many as fit kNhwcTileBytes of tiles, at most kNhwcTileBlocks, so
+// the copy reads each pixel's channels of the unit as one contiguous run (up to 256 bytes).
+constexpr int64_t kNhwcTileBlocks = 8;
+constexpr int64_t kNhwcTileBytes = 64 << 10;
+inline int64_t nhwc_tile_blocks(const DWConvShape& s) {
+  const int64_t per_block = nhwc_tile_geometry(s).floats() * static_cast<int64_t>(sizeof(float));
+  const int64_t fit = kNhwcTileBytes / per_block;
+  return fit < 1 ? 1 : fit > kNhwcTileBlocks ? kNhwcTileBlocks : fit;
+}
+
+// Scratch floats of one channels_last task: an int64 offset per block-tap entry, then either the unit's tiles
+// (tiled order) or a 64-byte aligned staging block of kNhwcPixBlock pixels, C zeros, the tap pointers of one
+// row's bounds-checked pixels and the row ring.
+inline int64_t nhwc_scratch_floats(const DWConvShape& s, int64_t entries, bool tiled) {
+  if (tiled) return 2 * entries + 16 + nhwc_tile_blocks(s) * nhwc_tile_geometry(s).floats();
   return 2 * entries + 32 + (kNhwcPixBlock + 1) * s.C + 2 + 2 * s.OW * s.kh * s.kw +
          (nhwc_ring(s) ? 16 + 2 * window_rows(s) * s.W * s.C : 0);
 }
@@ -51,6 +73,9 @@ struct DWConvArgs {
   float* y;
   // Write the output with non-temporal stores (set by the dispatcher when it is too large to stay in cache).
   bool stream_output = false;
+  // channels_last only: run in the tiled order, one unit per (image, nhwc_tile_blocks channel blocks), instead of
+  // one unit per output row (set by the dispatcher, see nhwc_tiled).
+  bool nhwc_tiled = false;
 };
 
 // Scratch of the NCHW kernel for one plane: the zero-padded input split into stride_h x stride_w phase planes
