@@ -82,23 +82,29 @@ int64_t interior(int64_t out, int64_t in, int64_t pad, int64_t k, int64_t dil, i
   return hi - lo;
 }
 
-// Whether the channels_last kernel runs in the tiled order: where the grouped order would (at least a quarter of
-// the output pixels have part of their window in the padding), with a window of at least 25 taps, one block's
-// tile within kNhwcTileBytes, and at least 16 multiply-adds per output pixel and block for every input pixel
-// copied into its tile (entries / blocks * outputs / copied inputs): the 5x5 layers at stride 1 with most of each
-// block's taps kept, as element masks give. Paired A/B against the grouped order (BENCHMARKS.md), efficientnet_b0's
-// 5x5 stride-1 layers: every tap kept 1.15-1.45x, element masks at 29% 1.0-1.4x, at batch 1 and 16; with
-// block:8 masks (7 or 12 taps of 25 per block) 0.75-1.15x, and 3x3 windows 0.8-1.04x: there copying the input
-// costs about what the bounds checks it saves do.
-bool nhwc_tiled(const DWConvShape& s, int64_t entries) {
+// Loop order of the channels_last kernel.
+// - Grouped where at least a quarter of the output pixels have part of their window in the padding (14x14 with a
+//   3x3 window, 28x28 with 5x5, every 7x7). Paired measurements of both orders (BENCHMARKS.md): grouped 1.1-1.5x
+//   faster on those layers at batch 1 and 16, row by row 5-9% faster on the wide, memory-bound layers (112x112,
+//   56x56) at batch 16.
+// - Tiled instead of grouped with a window of at least 25 taps, an output that is not streamed (the tiled order
+//   stores 8 channels per pixel at a time; at batch 16 on 28x28 the grouped order's streamed stores were worth
+//   more, 0.92-1.00x), one block's tile within kNhwcTileBytes, and at least 16 multiply-adds per output pixel and
+//   block for every input pixel copied into its tile (entries / blocks * outputs / copied inputs): the 5x5 layers
+//   at stride 1 with most of each block's taps kept, as element masks give. Paired A/B against the grouped order
+//   (BENCHMARKS.md), efficientnet_b0's 5x5 stride-1 layers: every tap kept 1.06-1.38x, element masks at 29%
+//   1.04-1.35x; block:8 masks (7 or 12 taps of 25 per block) 0.75-1.16x and 3x3 windows 0.67-1.04x, where
+//   copying the input costs about what the bounds checks it saves do.
+NhwcOrder nhwc_order(const DWConvShape& s, int64_t entries, bool far_output) {
   const int64_t inner = interior(s.OH, s.H, s.pad_top, s.kh, s.dil_h, s.stride_h) *
                         interior(s.OW, s.W, s.pad_left, s.kw, s.dil_w, s.stride_w);
-  if (s.kh * s.kw < 25 || 4 * (s.OH * s.OW - inner) < s.OH * s.OW) return false;
+  if (4 * (s.OH * s.OW - inner) < s.OH * s.OW) return NhwcOrder::Rows;
   const NhwcTile g = nhwc_tile_geometry(s);
-  if (g.floats() * static_cast<int64_t>(sizeof(float)) > kNhwcTileBytes) return false;
+  if (s.kh * s.kw < 25 || far_output || g.floats() * static_cast<int64_t>(sizeof(float)) > kNhwcTileBytes)
+    return NhwcOrder::Grouped;
   const int64_t blocks = (s.C + kChannelBlock - 1) / kChannelBlock;
   const int64_t copied = std::min<int64_t>(s.H, g.rows - s.pad_top) * std::min<int64_t>(s.W, g.cols - s.pad_left);
-  return entries * s.OH * s.OW >= 16 * blocks * copied;
+  return entries * s.OH * s.OW >= 16 * blocks * copied ? NhwcOrder::Tiled : NhwcOrder::Grouped;
 }
 
 }  // namespace
@@ -126,12 +132,14 @@ void sparse_dwconv2d(const DWConvArgs& a, int num_threads) {
   const int64_t blocks = (s.C + kChannelBlock - 1) / kChannelBlock;
   // Outputs far beyond the caches go straight to memory: saves the read-for-ownership of every output line.
   const bool far_output = s.N * s.C * s.OH * s.OW * static_cast<int64_t>(sizeof(float)) > kStreamBytes;
-  // (the tiled order stores 8 channels per pixel at a time, so it cannot stream: at batch 16 on 28x28 the grouped
-  // order's streamed stores were worth more than the tiles, 0.92-1.00x)
-  const bool tiled = nhwc && !far_output && nhwc_tiled(s, a.block.offsets[blocks]);
+  const NhwcOrder order = nhwc ? nhwc_order(s, a.block.offsets[blocks], far_output) : NhwcOrder::Rows;
+  const bool tiled = order == NhwcOrder::Tiled;
   // Units of work: (n, c) planes (NCHW), (n, oy) output rows or (n, group of channel blocks) (channels_last).
-  const int64_t units =
-      !nhwc ? s.N * s.C : tiled ? s.N * ((blocks + nhwc_tile_blocks(s) - 1) / nhwc_tile_blocks(s)) : s.N * s.OH;
+  int64_t units = nhwc ? s.N * s.OH : s.N * s.C;
+  if (tiled) {
+    const int64_t band = nhwc_tile_blocks(s);
+    units = s.N * ((blocks + band - 1) / band);
+  }
   const int64_t nnz = a.taps.offsets[s.C];
   const int64_t work = (nnz + s.C) * s.N * s.OH * s.OW;
   int64_t threads = std::min<int64_t>({num_threads, units, std::max<int64_t>(1, work / kMinWorkPerThread)});
@@ -142,7 +150,7 @@ void sparse_dwconv2d(const DWConvArgs& a, int num_threads) {
       nhwc ? nhwc_scratch_floats(s, a.block.offsets[blocks], tiled) : nchw_scratch_geometry(s).total_floats();
   RangeKernel fn = nhwc ? k.nhwc : k.nchw;
   DWConvArgs args = a;
-  args.nhwc_tiled = tiled;
+  args.nhwc_order = order;
   // (channels_last: only with whole channel blocks, where a pixel block's output is one contiguous run)
   args.stream_output = far_output && (!nhwc || s.C % kChannelBlock == 0);
   parallel_for(static_cast<int>(tasks), static_cast<int>(threads), [&](int t) {

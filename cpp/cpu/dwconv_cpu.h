@@ -32,7 +32,7 @@ inline bool nhwc_ring(const DWConvShape& s) {
          2 * window_rows(s) * s.W * s.C * static_cast<int64_t>(sizeof(float)) <= kNhwcRingBytes;
 }
 
-// Tiled channels_last order (small images; the dispatcher's nhwc_tiled decides): the zero-padded input of one
+// Tiled channels_last order (small images; the dispatcher's nhwc_order decides): the zero-padded input of one
 // image and one channel block that the output's windows cover, rows x cols pixels of kChannelBlock floats.
 struct NhwcTile {
   int64_t rows, cols;
@@ -61,6 +61,11 @@ inline int64_t nhwc_scratch_floats(const DWConvShape& s, int64_t entries, bool t
          (nhwc_ring(s) ? 16 + 2 * window_rows(s) * s.W * s.C : 0);
 }
 
+// Loop order of the channels_last kernel, chosen per call by the dispatcher (see dwconv_cpu_nhwc.inc):
+// Rows = one unit per (n, oy) output row; Grouped = the same units, bounds-checked pixels in groups;
+// Tiled = one unit per (n, nhwc_tile_blocks channel blocks).
+enum class NhwcOrder { Rows, Grouped, Tiled };
+
 // Arguments of one call; pointers are host pointers. `block` is used for Layout::NHWC only.
 struct DWConvArgs {
   DWConvShape shape;
@@ -73,9 +78,8 @@ struct DWConvArgs {
   float* y;
   // Write the output with non-temporal stores (set by the dispatcher when it is too large to stay in cache).
   bool stream_output = false;
-  // channels_last only: run in the tiled order, one unit per (image, nhwc_tile_blocks channel blocks), instead of
-  // one unit per output row (set by the dispatcher, see nhwc_tiled).
-  bool nhwc_tiled = false;
+  // channels_last only: the loop order (set by the dispatcher).
+  NhwcOrder nhwc_order = NhwcOrder::Rows;
 };
 
 // Scratch of the NCHW kernel for one plane: the zero-padded input split into stride_h x stride_w phase planes
