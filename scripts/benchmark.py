@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from timm_deprune import build_plan, sparse_dwconv2d
 from timm_deprune._masks import balanced_magnitude_mask
+from timm_deprune.sparse_plan import block_channel_order
 from timm_deprune.config import block_size
 from timm_deprune.dw import select_dw_taps
 from timm_deprune._backend import load_extension
@@ -79,13 +80,17 @@ def measure_bandwidth(nbytes: int = 256 << 20, repeats: int = 7) -> float:
     return 2 * nbytes / statistics.median(times) / 1e9
 
 
-def bench_layer(layer: DWLayer, batch: int, keep: float, repeats: int, block: int = 1) -> dict[str, float]:
+def bench_layer(layer: DWLayer, batch: int, keep: float, repeats: int, block: int = 1,
+                reorder: bool = False) -> dict[str, float]:
     c, h, w = layer.channels, layer.height, layer.width
     weight = torch.randn(c, 1, *layer.kernel)
     if block == 1:
         mask = balanced_magnitude_mask(weight, keep)
     else:  # the same balanced ranking with one tap pattern per block of channels
         mask = select_dw_taps(weight.abs()[:, 0], 1.0 - keep, balance=True, block=block).mask
+    if reorder:  # what optimize_for_inference does to a block's internal channels: dense costs the same either way
+        order = block_channel_order(mask)
+        weight, mask = weight[order], mask[order]
     plan = build_plan(weight, mask)
     dense_w = weight * mask.unsqueeze(1)
     x = torch.randn(batch, c, h, w)
@@ -115,7 +120,8 @@ def run_dwconv(args: argparse.Namespace) -> None:
     bw = measure_bandwidth()
     print(f"# {datetime.date.today()} | {platform.processor() or platform.machine()} | torch {torch.__version__} |"
           f" threads {torch.get_num_threads()} | ISA {load_extension().cpu_isa()} | copy bandwidth {bw:.1f} GB/s |"
-          f" masks: balanced, granularity {args.granularity}")
+          f" masks: balanced, granularity {args.granularity}"
+          + (", channels reordered (block_channel_order)" if args.reorder_channels else ""))
     rows = []
     for model_name in args.models:
         layers = dw_layers(model_name)
@@ -124,7 +130,8 @@ def run_dwconv(args: argparse.Namespace) -> None:
                 tot = dict.fromkeys(["dense_nchw", "dense_cl", "ours_nchw", "ours_cl", "bytes"], 0.0)
                 worst0 = float("inf")
                 for layer in layers:
-                    r = bench_layer(layer, batch, keep, args.repeats, block_size(args.granularity))
+                    r = bench_layer(layer, batch, keep, args.repeats, block_size(args.granularity),
+                                    args.reorder_channels)
                     for k in tot:
                         tot[k] += r[k]
                     best_dense = min(r["dense_nchw"], r["dense_cl"])
@@ -390,6 +397,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--per-layer", action="store_true", help="print every layer's timings")
     p.add_argument("--granularity", default="element", help="'element' or 'block:N' tap patterns (default element)")
+    p.add_argument("--reorder-channels", action="store_true",
+                   help="order each layer's channels by tap pattern first (block_channel_order), as"
+                        " optimize_for_inference does inside a network's blocks")
     p.set_defaults(fn=run_dwconv)
     p = sub.add_parser("overhead", help="per-call overhead of the custom op vs the eager path")
     p.add_argument("--repeats", type=int, default=11)

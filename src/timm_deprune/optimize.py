@@ -17,10 +17,11 @@ from timm.models._efficientnet_blocks import (DepthwiseSeparableConv, EdgeResidu
 
 from .layers import MaskedConv2d, fold_batchnorm
 from .plan import _set_module
-from .pw import slice_channels
+from .pw import ChannelGroup, find_channel_groups, group_splits, prune_channels, slice_channels
+from .sparse_plan import CHANNEL_BLOCK, block_channel_order, block_lanes
 
 __all__ = ["optimize_for_inference", "fold_all_batchnorms", "fast_squeeze_excite", "fuse_conv_activations",
-           "ConvAct2d", "prefers_channels_last"]
+           "ConvAct2d", "prefers_channels_last", "reorder_dw_channels"]
 
 # Module types whose forward is exactly one of the sparse kernel's fused activations (ops.ACTIVATIONS).
 _FUSABLE = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish", nn.Identity: "identity"}
@@ -253,6 +254,58 @@ def fuse_conv_activations(model: nn.Module, input_size: Sequence[int] = (3, 224,
     return n
 
 
+def _tap_patterns(model: nn.Module, group: ChannelGroup) -> Optional[torch.Tensor]:
+    """Kept taps ``[C, T]`` of every masked depth-wise conv carrying ``group``'s channels, side by side along T
+    (a MixedConv2d's kernels padded to its largest); None when no masked conv carries them."""
+    parts = []
+    for path in group.channelwise:
+        m = model.get_submodule(path)
+        convs = list(m.values()) if isinstance(m, MixedConv2d) else [m]
+        if not any(isinstance(c, MaskedConv2d) for c in convs):
+            continue
+        taps = max(c.weight.shape[2] * c.weight.shape[3] for c in convs)
+        rows = []
+        for c in convs:
+            k = c.weight.shape[2] * c.weight.shape[3]
+            mask = c.mask if isinstance(c, MaskedConv2d) else torch.ones(c.weight.shape[0], k, dtype=torch.bool)
+            rows.append(F.pad(mask.reshape(mask.shape[0], k).cpu(), (0, taps - k)))
+        parts.append(torch.cat(rows))
+    return torch.cat(parts, dim=1) if parts else None
+
+
+@torch.no_grad()
+def reorder_dw_channels(model: nn.Module, block: int = CHANNEL_BLOCK) -> int:
+    """Reorder each block's internal channels so that channels with similar depth-wise tap patterns share a
+    ``block``-channel SIMD block of the channels_last kernel (:func:`~timm_deprune.sparse_plan.block_channel_order`).
+
+    The permutation is applied to everything that carries the channels, exactly like PW filter pruning's surgery:
+    the expanding conv's filters, BNs, the depth-wise conv with its mask, squeeze-excite and the projecting conv's
+    inputs; so the block's output is unchanged (up to the summation order of the projection). Only channels
+    internal to a block move; a group is left alone unless the new order runs fewer SIMD lanes. Returns the
+    number of blocks reordered.
+
+    With per-channel ("element") masks at 29% kept, 8 channels in their natural order run the union of their taps,
+    about 94% of a 3x3 window; after reordering 40-60% (BENCHMARKS.md).
+    """
+    n = 0
+    for group in find_channel_groups(model):
+        patterns = _tap_patterns(model, group)
+        if patterns is None:
+            continue
+        channels = patterns.shape[0]
+        cuts = {0, channels}
+        for sizes in group_splits(model, group):  # every channel stays inside its part of each MixedConv2d
+            cuts.update(int(c) for c in torch.tensor(sizes).cumsum(0))
+        bounds = sorted(cuts)
+        splits = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+        flat = patterns.unsqueeze(1)
+        order = block_channel_order(flat, block, splits)
+        if block_lanes(flat[order], block) < block_lanes(flat, block):
+            prune_channels(model, group, order)
+            n += 1
+    return n
+
+
 def _block_shared(mask: torch.Tensor, block: int = 8) -> bool:
     """Whether every ``block`` consecutive channels of a ``[C, kh, kw]`` tap mask share one pattern."""
     flat = mask.reshape(mask.shape[0], -1)
@@ -260,35 +313,56 @@ def _block_shared(mask: torch.Tensor, block: int = 8) -> bool:
     return bool((flat == flat[starts]).all())
 
 
-def prefers_channels_last(model: nn.Module) -> bool:
-    """The layout ``optimize_for_inference(channels_last="auto")`` picks: channels_last, where PyTorch's dense convs
-    and our kernel with block-shared tap patterns are fastest, unless a masked depth-wise conv has per-channel
-    ("element") patterns. With those, channels_last runs each 8-channel block on the union of its taps; whole
-    optimised models measured a wash between the layouts (channels_last 0.98-1.06x, efficientnet_b0 and
-    mobilenetv2_100 at batch 1 and 16, BENCHMARKS.md), so NCHW, timm's default, stays."""
+def _on_cpu(model: nn.Module) -> bool:
+    return all(p.device.type == "cpu" for p in model.parameters())
+
+
+def prefers_channels_last(model: nn.Module, reorder_channels: bool = True) -> bool:
+    """The layout ``optimize_for_inference(channels_last="auto")`` picks.
+
+    On CPU with ``reorder_channels``: channels_last, where PyTorch's dense convs and our kernel are fastest. With
+    per-channel ("element") tap patterns the kernel runs each 8-channel block on the union of its taps, which
+    :func:`reorder_dw_channels` keeps small; whole optimised models measured channels_last + reordering
+    1.00-1.03x against NCHW (efficientnet_b0 and mobilenetv2_100 at batch 1 and 16, BENCHMARKS.md).
+
+    Otherwise channels_last only when every masked depth-wise conv has block-shared tap patterns: in their natural
+    order, element patterns made the layouts a wash (0.98-1.06x), so NCHW, timm's default, stays.
+    """
+    if reorder_channels and _on_cpu(model):
+        return True
     return all(_block_shared(m.mask) for m in model.modules() if isinstance(m, MaskedConv2d))
 
 
 def optimize_for_inference(model: nn.Module, *, inplace: bool = False, channels_last="auto",
-                           compile: bool = False, input_size: Optional[Sequence[int]] = None,
-                           check: bool = True, fuse_activations: bool = True) -> nn.Module:
+                           reorder_channels="auto", compile: bool = False,
+                           input_size: Optional[Sequence[int]] = None, check: bool = True,
+                           fuse_activations: bool = True) -> nn.Module:
     """An eval-mode copy of ``model`` with BatchNorms folded into convs, activations fused into the sparse
     depth-wise kernel's epilogue and into the other convs (oneDNN post-ops on CPU), and squeeze-excite's 1x1 convs
-    on pooled vectors run as matrix products (exact up to fp32 rounding; parameter names unchanged).
-    ``deprune_inference_stats`` on the result counts each rewrite.
+    on pooled vectors run as matrix products, and, for channels_last on CPU, each block's internal channels
+    reordered by tap pattern (all exact up to fp32 rounding). ``deprune_inference_stats`` on the result counts each
+    rewrite.
 
     Args:
         model: a pruned (or dense) model.
         inplace: modify ``model`` itself.
-        channels_last: convert to channels_last memory format (True / False), or ``"auto"``: channels_last unless a
-            masked depth-wise conv has per-channel ("element") tap patterns (see :func:`prefers_channels_last`).
-            Feed the result inputs in the same memory format.
+        channels_last: convert to channels_last memory format (True / False), or ``"auto"``: see
+            :func:`prefers_channels_last` (channels_last on CPU). Feed the result inputs in the same memory format.
+        reorder_channels: apply :func:`reorder_dw_channels` (True / False), or ``"auto"``: when the result runs
+            channels_last on CPU, where the kernel's 8-channel blocks gain from it. The reordered model's parameters
+            are permuted inside each block (its outputs are not), so its state dict no longer matches the
+            original's; ``"auto"`` leaves CUDA models alone, whose kernel relies on BWT's balanced 32-channel
+            groups.
         compile: wrap in ``torch.compile`` (the sparse op is a registered custom op, so it stays in the graph).
         input_size: ``(C, H, W)`` of the trace that finds conv -> BN pairs; default the model's pretrained_cfg.
         check: compare the result with the original on a random input and raise if they differ (rel. > 1e-4).
         fuse_activations: run each plain conv and the activation after it as one oneDNN call with a reordered
             weight (:class:`ConvAct2d`); needs PyTorch built with oneDNN (mkldnn), skipped otherwise.
     """
+    if reorder_channels not in (True, False, "auto") or not isinstance(reorder_channels, (bool, str)):
+        raise ValueError(f"reorder_channels must be True, False or 'auto', got {reorder_channels!r}")
+    if channels_last != "auto" and not isinstance(channels_last, bool):
+        raise ValueError(f"channels_last must be True, False or 'auto', got {channels_last!r}")
     original = model
     model = model if inplace else copy.deepcopy(model)
     model.eval()
@@ -299,7 +373,13 @@ def optimize_for_inference(model: nn.Module, *, inplace: bool = False, channels_
         x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0)).to(next(model.parameters()).device)
         with torch.no_grad():
             reference = (original if not inplace else model).eval()(x).float()
+    if channels_last == "auto":
+        channels_last = prefers_channels_last(model, reorder_channels is not False)
+    if reorder_channels == "auto":
+        reorder_channels = channels_last and _on_cpu(model)
+    reordered = reorder_dw_channels(model) if reorder_channels else 0
     stats = fold_all_batchnorms(model, size)
+    stats["reordered_blocks"] = reordered
     stats["linear_squeeze_excite"] = fast_squeeze_excite(model)
     stats["conv_activations"] = stats["onednn_convs"] = 0
     if fuse_activations and _ONEDNN_OK:
@@ -309,10 +389,6 @@ def optimize_for_inference(model: nn.Module, *, inplace: bool = False, channels_
                 m.__class__ = ConvAct2d
                 m.post_act = "identity"
         stats["onednn_convs"] = sum(type(m) is ConvAct2d for m in model.modules())
-    if channels_last == "auto":
-        channels_last = prefers_channels_last(model)
-    elif not isinstance(channels_last, bool):
-        raise ValueError(f"channels_last must be True, False or 'auto', got {channels_last!r}")
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if reference is not None:

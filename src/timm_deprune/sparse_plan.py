@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["SparseDWPlan", "build_plan", "CHANNEL_BLOCK", "GROUP_SIZE"]
+__all__ = ["SparseDWPlan", "build_plan", "block_channel_order", "block_lanes", "CHANNEL_BLOCK", "GROUP_SIZE"]
 
 GROUP_SIZE = 32  # channels per diagonal-wise sub-GEMM (DESIGN.md §1); CUDA thread blocks follow it
 CHANNEL_BLOCK = 8  # channels per SIMD vector in the channels_last CPU kernel (deprune::kChannelBlock)
@@ -165,3 +165,81 @@ def build_plan(weight: torch.Tensor, mask: torch.Tensor, group_size: int = GROUP
         # Inference tensors carry no version counter: only their shape can be checked.
         _weight_version=-1 if weight.is_inference() else weight._version,
     )
+
+
+def block_lanes(mask: torch.Tensor, block: int = CHANNEL_BLOCK) -> int:
+    """Multiply-add lanes the channels_last kernel runs per output pixel for tap mask ``[C, kh, kw]``.
+
+    Each block of ``block`` consecutive channels runs the union of its channels' kept taps on every lane, so the
+    count is ``sum over blocks of |union| * block``; the kept taps themselves (``mask.sum()``) are the minimum.
+    """
+    if mask.dim() != 3 or mask.dtype != torch.bool:
+        raise ValueError(f"expected a boolean tap mask of shape [C, kh, kw], got {mask.dtype} {list(mask.shape)}")
+    c = mask.shape[0]
+    flat = mask.reshape(c, -1)
+    pad = -c % block
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad, flat.shape[1])])
+    return int(flat.reshape(-1, block, flat.shape[1]).any(dim=1).sum()) * block
+
+
+def block_channel_order(mask: torch.Tensor, block: int = CHANNEL_BLOCK, splits=()) -> torch.Tensor:
+    """A channel order that puts channels with similar tap patterns into the same ``block``-channel block.
+
+    The channels_last kernel runs each block of ``block`` consecutive channels on the union of their kept taps
+    (one SIMD vector per tap), so per-channel ("element", DCP) patterns in their natural order cost nearly the
+    dense kernel: at 29% kept, 8 random 3x3 patterns cover 94% of the taps. Reordering is free inside a block of
+    a network, where the channels are internal (see :func:`timm_deprune.optimize.reorder_dw_channels`).
+
+    Greedy: each block starts from the remaining channel with the fewest kept taps and adds, one at a time, the
+    channel that grows the block's union least (ties: the most taps inside the union). ``O(C^2 kh kw / block)``.
+    ``splits`` (channel counts of consecutive parts, e.g. a MixedConv2d's kernel groups) keeps every channel in
+    its part; blocks are formed within each part.
+
+    Returns:
+        LongTensor ``order`` (a permutation of ``range(C)``): channel ``order[i]`` goes to position ``i``.
+
+    Example:
+        >>> m = torch.zeros(16, 3, 3, dtype=torch.bool); m[0::2, 0, 0] = True; m[1::2, 2, 2] = True
+        >>> block_lanes(m[block_channel_order(m)]) < block_lanes(m)
+        True
+    """
+    if mask.dim() != 3 or mask.dtype != torch.bool:
+        raise ValueError(f"expected a boolean tap mask of shape [C, kh, kw], got {mask.dtype} {list(mask.shape)}")
+    if not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be a positive int, got {block!r}")
+    c = mask.shape[0]
+    sizes = [int(s) for s in splits] if splits else [c]
+    if sum(sizes) != c or any(s < 0 for s in sizes):
+        raise ValueError(f"splits {sizes} must be non-negative channel counts summing to the mask's {c} channels")
+    flat = mask.detach().reshape(c, -1).cpu()
+    order, start = [], 0
+    for size in sizes:
+        order.append(start + _greedy_blocks(flat[start:start + size], block))
+        start += size
+    return torch.cat(order) if order else torch.zeros(0, dtype=torch.long)
+
+
+def _greedy_blocks(flat: torch.Tensor, block: int) -> torch.Tensor:
+    c = flat.shape[0]
+    count = flat.sum(dim=1)
+    left = torch.ones(c, dtype=torch.bool)
+    order = []
+    while len(order) < c:
+        idx = left.nonzero().flatten()
+        seed = int(idx[count[idx].argmin()])
+        left[seed] = False
+        order.append(seed)
+        union = flat[seed].clone()
+        for _ in range(block - 1):
+            idx = left.nonzero().flatten()
+            if idx.numel() == 0:
+                break
+            cand = flat[idx]
+            growth = (cand & ~union).sum(dim=1)
+            inside = (cand & union).sum(dim=1)
+            pick = int(idx[(growth * (flat.shape[1] + 1) - inside).argmin()])
+            left[pick] = False
+            order.append(pick)
+            union |= flat[pick]
+    return torch.tensor(order, dtype=torch.long)
