@@ -157,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input size (default: the model's pretrained_cfg)")
     b.add_argument("--repeats", type=int, default=10, metavar="N", help="timed rounds (default %(default)s)")
     b.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
-                   help="layout of the optimised model (default auto: channels_last unless the masks are"
-                   " per-channel)")
+                   help="layout of the optimised model (default auto: channels_last on CPU, with each block's"
+                   " channels reordered by tap pattern; on CUDA unless the masks are per-channel)")
     b.add_argument("--compile", action="store_true", help="also time the optimised model under torch.compile")
     b.add_argument("--threads", type=int, metavar="N", help="torch threads (default: torch's)")
     b.set_defaults(func=_cmd_bench)
