@@ -619,6 +619,16 @@ def test_saving_an_unpruned_model_fails(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_saving_an_optimized_model_fails(pruned, tmp_path):
+    from timm_deprune import optimize_for_inference
+
+    opt = optimize_for_inference(pruned, input_size=(3, 64, 64))
+    for model in (opt, torch.compile(opt)):  # the compiled wrapper too (not run: nothing is compiled)
+        with pytest.raises(ValueError, match="returned by optimize_for_inference.*save the pruned model"):
+            save_pretrained(model, tmp_path / "opt")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_load_save_load_keeps_the_model(saved, pruned, tmp_path):
     """A loaded model (here with a new head) saves and loads again exactly."""
     m = timm.create_model(f"local-dir:{saved}", pretrained=True, num_classes=5).eval()

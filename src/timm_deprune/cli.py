@@ -489,14 +489,16 @@ def _bench(args: argparse.Namespace) -> None:
     layout = {"auto": "auto", "on": True, "off": False}[args.channels_last]
     optimized = optimize_for_inference(pruned, channels_last=layout, input_size=size)
     use_cl = optimized.deprune_inference_stats["channels_last"]
+    layout_name = "channels_last" if use_cl else "NCHW"
+    if optimized.deprune_inference_stats["reordered_blocks"]:
+        layout_name += ", channels reordered"
     x = torch.randn(args.batch_size, *size)
     x_cl = x.contiguous(**cl)
     variants = {
         f"dense {arch}, eager NCHW": (dense, x),
         f"dense {arch}, eager channels_last": (copy.deepcopy(dense).to(**cl), x_cl),
         "pruned, as loaded (masked dense)": (timm_deprune.set_execution(copy.deepcopy(pruned), "dense"), x),
-        f"pruned, optimised ({'channels_last' if use_cl else 'NCHW'}, sparse kernels)": (optimized,
-                                                                                       x_cl if use_cl else x),
+        f"pruned, optimised ({layout_name}, sparse kernels)": (optimized, x_cl if use_cl else x),
     }
     if args.compile:
         variants["pruned, optimised + torch.compile"] = (torch.compile(optimized), x_cl if use_cl else x)

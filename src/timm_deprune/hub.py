@@ -108,6 +108,10 @@ def save_pretrained(model: nn.Module, save_directory: Union[str, Path], *, overw
 
     from .model_card import model_card
 
+    if hasattr(getattr(model, "_orig_mod", model), "deprune_inference_stats"):
+        raise ValueError("save_pretrained got a model returned by optimize_for_inference: its BatchNorms are folded"
+                         " and its blocks' channels may be reordered, so its state dict does not load into the"
+                         " architecture; save the pruned model (before optimize_for_inference) instead")
     plan = model_plan(model)
     masks = _model_masks(model, plan)
     target = Path(save_directory).expanduser().absolute()
