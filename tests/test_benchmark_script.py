@@ -44,3 +44,4 @@ def test_dwconv_benchmark_with_reordered_channels():
     out = _run("dwconv", "--models", "mobilenetv3_small_050", "--batch", "1", "--keep", "0.29", "--repeats", "1",
                "--reorder-channels")
     assert "channels reordered (block_channel_order)" in out and "| mobilenetv3_small_050 | 1 | 29% |" in out
+    assert "| ours CL natural order ms | reordering gain |" in out
