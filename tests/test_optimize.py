@@ -179,3 +179,17 @@ def test_squeeze_excite_gates_in_place_only_inside_blocks_that_consume_its_input
         out = se(z)
     assert out is z  # inference: the gate went into the input tensor
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_features_only_model_is_optimized_and_checked(gen):
+    torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
+    model = timm.create_model("mobilenetv2_050", features_only=True, out_indices=(1, 3, 4))
+    pm = prune(model, DepruneConfig.deprune_bh(dw_ratio=0.71, pw_ratio=0.3), input_size=(3, 64, 64)).model.eval()
+    opt = optimize_for_inference(pm, input_size=(3, 64, 64))  # its check compares every feature map
+    assert opt.deprune_inference_stats["reordered_blocks"] > 0
+    x = torch.randn(2, 3, 64, 64, generator=gen)
+    with torch.no_grad():
+        ref, out = pm(x), opt(x.contiguous(memory_format=torch.channels_last))
+    assert len(out) == len(ref) == 3
+    for r, o in zip(ref, out):
+        assert o.shape == r.shape and float((o - r).norm() / r.norm()) < 1e-5

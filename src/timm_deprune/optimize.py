@@ -313,6 +313,17 @@ def _block_shared(mask: torch.Tensor, block: int = 8) -> bool:
     return bool((flat == flat[starts]).all())
 
 
+def _tensors(y) -> list[torch.Tensor]:
+    """The output tensors of a forward (one tensor, or the list / tuple / dict of a ``features_only`` model)."""
+    if isinstance(y, torch.Tensor):
+        return [y.float()]
+    if isinstance(y, dict):
+        y = list(y.values())
+    if isinstance(y, (list, tuple)):
+        return [t for item in y for t in _tensors(item)]
+    raise TypeError(f"cannot compare a model output of type {type(y).__name__}; pass check=False")
+
+
 def _on_cpu(model: nn.Module) -> bool:
     return all(p.device.type == "cpu" for p in model.parameters())
 
@@ -372,7 +383,7 @@ def optimize_for_inference(model: nn.Module, *, inplace: bool = False, channels_
     if check:
         x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0)).to(next(model.parameters()).device)
         with torch.no_grad():
-            reference = (original if not inplace else model).eval()(x).float()
+            reference = _tensors((original if not inplace else model).eval()(x))
     if channels_last == "auto":
         channels_last = prefers_channels_last(model, reorder_channels is not False)
     if reorder_channels == "auto":
@@ -393,8 +404,11 @@ def optimize_for_inference(model: nn.Module, *, inplace: bool = False, channels_
         model = model.to(memory_format=torch.channels_last)
     if reference is not None:
         with torch.no_grad():
-            out = model(x.to(memory_format=torch.channels_last) if channels_last else x).float()
-        err = float((out - reference).norm() / reference.norm().clamp_min(1e-12))
+            out = _tensors(model(x.to(memory_format=torch.channels_last) if channels_last else x))
+        if len(out) != len(reference):
+            raise RuntimeError(f"optimize_for_inference changed the model's outputs: {len(reference)} tensors before,"
+                               f" {len(out)} after")
+        err = max(float((o - r).norm() / r.norm().clamp_min(1e-12)) for o, r in zip(out, reference))
         if not err < 1e-4:
             raise RuntimeError(f"optimize_for_inference changed the model's output (rel. error {err:.2e}); a conv"
                                " output is probably also read by a functional op. Please report the model.")
