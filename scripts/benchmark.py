@@ -123,8 +123,9 @@ def bench_layer(layer: DWLayer, batch: int, keep: float, repeats: int, block: in
         mask = balanced_magnitude_mask(weight, keep)
     else:  # the same balanced ranking with one tap pattern per block of channels
         mask = select_dw_taps(weight.abs()[:, 0], 1.0 - keep, balance=True, block=block).mask
-    natural = build_plan(weight, mask) if reorder else None
+    natural = None
     if reorder:  # what optimize_for_inference does to a block's internal channels: dense costs the same either way
+        natural = build_plan(weight, mask)
         order = block_channel_order(mask)
         weight, mask = weight[order], mask[order]
     plan = build_plan(weight, mask)

@@ -370,10 +370,9 @@ def optimize_for_inference(model: nn.Module, *, inplace: bool = False, channels_
         fuse_activations: run each plain conv and the activation after it as one oneDNN call with a reordered
             weight (:class:`ConvAct2d`); needs PyTorch built with oneDNN (mkldnn), skipped otherwise.
     """
-    if reorder_channels not in (True, False, "auto") or not isinstance(reorder_channels, (bool, str)):
-        raise ValueError(f"reorder_channels must be True, False or 'auto', got {reorder_channels!r}")
-    if channels_last != "auto" and not isinstance(channels_last, bool):
-        raise ValueError(f"channels_last must be True, False or 'auto', got {channels_last!r}")
+    for name, value in (("channels_last", channels_last), ("reorder_channels", reorder_channels)):
+        if not (isinstance(value, bool) or value == "auto"):
+            raise ValueError(f"{name} must be True, False or 'auto', got {value!r}")
     original = model
     model = model if inplace else copy.deepcopy(model)
     model.eval()

@@ -134,13 +134,9 @@ def build_plan(weight: torch.Tensor, mask: torch.Tensor, group_size: int = GROUP
         values = w[ch_idx, tap_idx].contiguous()
 
         nblocks = -(-channels // CHANNEL_BLOCK)
-        pad = nblocks * CHANNEL_BLOCK - channels
-        wm = torch.where(m, w, torch.zeros((), dtype=w.dtype, device=w.device))
-        if pad:
-            wm = torch.cat([wm, wm.new_zeros(pad, kh * kw)])
-            m = torch.cat([m, m.new_zeros(pad, kh * kw)])
+        wm = _pad_channels(torch.where(m, w, torch.zeros((), dtype=w.dtype, device=w.device)), CHANNEL_BLOCK)
         wb = wm.reshape(nblocks, CHANNEL_BLOCK, kh * kw)
-        block_mask = m.reshape(nblocks, CHANNEL_BLOCK, kh * kw).any(dim=1)  # [nblocks, K]
+        block_mask = _block_union(m, CHANNEL_BLOCK)  # [nblocks, K]
         b_idx, bt_idx = block_mask.nonzero(as_tuple=True)
         block_offsets = torch.zeros(nblocks + 1, dtype=torch.int32, device=w.device)
         block_offsets[1:] = torch.cumsum(block_mask.sum(dim=1, dtype=torch.int32), 0)
@@ -175,12 +171,18 @@ def block_lanes(mask: torch.Tensor, block: int = CHANNEL_BLOCK) -> int:
     """
     if mask.dim() != 3 or mask.dtype != torch.bool:
         raise ValueError(f"expected a boolean tap mask of shape [C, kh, kw], got {mask.dtype} {list(mask.shape)}")
-    c = mask.shape[0]
-    flat = mask.reshape(c, -1)
-    pad = -c % block
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad, flat.shape[1])])
-    return int(flat.reshape(-1, block, flat.shape[1]).any(dim=1).sum()) * block
+    return int(_block_union(mask.reshape(mask.shape[0], -1), block).sum()) * block
+
+
+def _pad_channels(rows: torch.Tensor, block: int) -> torch.Tensor:
+    """``[C, K]`` rows padded with zero rows to a whole number of ``block``-channel blocks."""
+    pad = -rows.shape[0] % block
+    return torch.cat([rows, rows.new_zeros(pad, rows.shape[1])]) if pad else rows
+
+
+def _block_union(rows: torch.Tensor, block: int) -> torch.Tensor:
+    """Kept taps ``[ceil(C / block), K]`` of each block of ``block`` channels: the union of its rows of ``[C, K]``."""
+    return _pad_channels(rows, block).reshape(-1, block, rows.shape[1]).any(dim=1)
 
 
 def block_channel_order(mask: torch.Tensor, block: int = CHANNEL_BLOCK, splits=()) -> torch.Tensor:
