@@ -57,9 +57,13 @@ def one_thread():
 
 @pytest.fixture
 def gen() -> torch.Generator:
-    """A generator with a fresh random seed per test (printed on failure by pytest's captured output)."""
-    seed = int(torch.randint(0, 2**31 - 1, ()).item()) ^ int.from_bytes(__import__("os").urandom(4), "little")
-    print(f"seed={seed}")
+    """A generator with a fresh random seed per test, printed on failure by pytest's captured output; set
+    ``DEPRUNE_TEST_SEED`` to replay one."""
+    import os
+
+    replay = os.environ.get("DEPRUNE_TEST_SEED")
+    seed = int(replay) if replay else int.from_bytes(os.urandom(4), "little") & (2**31 - 1)
+    print(f"seed={seed} (replay with DEPRUNE_TEST_SEED={seed})")
     return torch.Generator().manual_seed(seed)
 
 

@@ -27,7 +27,7 @@ import torch
 
 import timm_deprune
 from .config import ALIGN_MODES, IMPORTANCE_NAMES, DepruneConfig
-from .hub import MASKS_FILE, WEIGHTS_FILE, from_pretrained, load_masks, read_config, save_pretrained
+from .hub import MASKS_FILE, SAVED_FILES, from_pretrained, load_masks, read_config, save_pretrained
 from .model_card import _config_str, _method
 from ._cli_sources import (CliError, load_dense, load_source, network_cause, resolve_folder, unknown_model,
                            why_offline)
@@ -38,7 +38,7 @@ __all__ = ["main", "build_parser", "CliError"]
 PROG = "timm-deprune"
 METHODS = {"deprune": DepruneConfig.deprune, "deprune-b": DepruneConfig.deprune_b,
            "deprune-bh": DepruneConfig.deprune_bh}
-FOLDER_FILES = ("config.json", WEIGHTS_FILE, MASKS_FILE, "README.md")  # what a saved folder holds (and is pushed)
+FOLDER_FILES = SAVED_FILES  # what a saved folder holds (and is pushed)
 
 
 def _make_api(token: Optional[str]):
@@ -97,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
                    help="input size for the MACs report (default: the model's pretrained_cfg)")
     o = p.add_argument_group("output")
-    o.add_argument("--output", type=Path, metavar="DIR", help="model folder (default ./MODEL.deprune)")
-    o.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    o.add_argument("--output", type=_path_arg, metavar="DIR", help="model folder (default ./MODEL.deprune)")
+    o.add_argument("--overwrite", action="store_true",
+                   help="save into a non-empty folder: replaces the files a save writes, keeps the others")
     o.add_argument("--push-to-hub", metavar="REPO", help="also upload the folder to this Hub repo (one commit)")
     o.add_argument("--private", action="store_true", help="create the Hub repo private")
     o.add_argument("--token", help="Hub token (default: HF_TOKEN / the saved login)")
@@ -163,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, metavar="N", help="torch threads (default: torch's)")
     b.set_defaults(func=_cmd_bench)
     return parser
+
+
+def _path_arg(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a path, got {text!r}")
+    return Path(text)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

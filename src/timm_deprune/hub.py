@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,10 +21,12 @@ from .layers import masked_convs
 from .plan import PrunePlan
 
 __all__ = ["save_pretrained", "push_to_hub", "from_pretrained", "save_masks", "load_masks", "MASKS_FILE",
-           "WEIGHTS_FILE", "model_plan"]
+           "WEIGHTS_FILE", "SAVED_FILES", "model_plan"]
 
 MASKS_FILE = "deprune_masks.safetensors"
 WEIGHTS_FILE = "model.safetensors"
+SAVED_FILES = (WEIGHTS_FILE, MASKS_FILE, "README.md", "config.json")  # what a save writes, in rename order
+_TMP_PREFIX = ".deprune-save-"  # + pid + "-" + random: a save's temp folder inside the target
 _MASKS_FORMAT = "deprune-masks"
 _MASKS_VERSION = "1"
 
@@ -92,12 +95,14 @@ def save_pretrained(model: nn.Module, save_directory: Union[str, Path], *, overw
                     card: Optional[Mapping[str, Any]] = None) -> Path:
     """Write a pruned model as a folder that ``timm.create_model("local-dir:...")`` and the Hub can load.
 
-    The folder is written to a temporary sibling and renamed into place, so a crash never leaves it half written.
+    Every file is written to a hidden temp folder inside the target, then renamed over its old copy (each file
+    atomically); files of the folder that the save does not write are never touched or deleted. A temp folder
+    left by a killed save is removed by the next save into the same folder.
 
     Args:
         model: a pruned model (from :func:`timm_deprune.prune` or a DEPrune load).
         save_directory: target folder; must not exist or be empty unless ``overwrite``.
-        overwrite: replace an existing non-empty folder.
+        overwrite: save into a non-empty folder, replacing the files a save writes (``SAVED_FILES``).
         card: extra model-card facts, e.g. ``{"accuracy": {"top1": 71.2, "dataset": "..."},
             "latency": {"batch1_ms": 5.1, "device": "..."}, "base_weights": "timm pretrained"}``.
 
@@ -117,39 +122,59 @@ def save_pretrained(model: nn.Module, save_directory: Union[str, Path], *, overw
     target = Path(save_directory).expanduser().absolute()
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(f"{target} is not empty; pass overwrite=True to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    created = not target.exists()
+    if not created:
+        _remove_stale_temps(target)
+        if any(target.iterdir()) and not overwrite:
+            raise FileExistsError(f"{target} is not empty; pass overwrite=True to replace the files a save writes"
+                                  f" ({', '.join(SAVED_FILES)}; other files are kept)")
+    target.mkdir(parents=True, exist_ok=True)  # modes follow the umask
+    tmp = target / f"{_TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
     try:
         save_for_hf(model, str(tmp), model_args={"deprune": plan.to_dict()}, safe_serialization=True,
                     model_config={"pretrained_cfg": {"hf_hub_filename": WEIGHTS_FILE}})
         save_masks(masks, tmp / MASKS_FILE)
         (tmp / "README.md").write_text(model_card(model, plan, dict(card or {})))
-        _replace_dir(tmp, target)
+        written = sorted(p.name for p in tmp.iterdir())
+        unexpected = sorted(set(written) - set(SAVED_FILES))
+        if unexpected:  # a timm release that writes more files: refuse rather than leave them unreplaced
+            raise RuntimeError(f"save wrote unexpected files {unexpected}; timm-deprune saves {list(SAVED_FILES)}")
+        mode = tmp.stat().st_mode & 0o666  # the umask's file mode (mkdir applied it); some writers use 0600
+        for name in written:
+            os.chmod(tmp / name, mode)
+        for name in SAVED_FILES:  # config.json last: it is what makes the folder a model
+            if (tmp / name).exists():
+                os.replace(tmp / name, target / name)  # each file atomically; nothing else in the folder is touched
+        tmp.rmdir()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created and target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
         raise
     return target
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move folder ``src`` to ``dst``, replacing ``dst`` (renames only: never a half-written ``dst``)."""
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-    os.replace(dst, old / "x")
+def _remove_stale_temps(folder: Path) -> None:
+    """Remove the temp folders of saves into ``folder`` whose process is gone (a killed save leaves one)."""
+    for entry in folder.iterdir():
+        if not (entry.name.startswith(_TMP_PREFIX) and entry.is_dir()):
+            continue
+        pid = entry.name[len(_TMP_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
     try:
-        os.replace(src, dst)
-    except BaseException:
-        try:
-            os.replace(old / "x", dst)
-        except BaseException as e:  # never delete the only copy of the previous folder
-            raise OSError(f"could not replace {dst} nor put the previous folder back: it is kept in {old / 'x'}") from e
-        shutil.rmtree(old, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def push_to_hub(model: nn.Module, repo_id: str, *, private: bool = False, token: Optional[str] = None,

@@ -3,7 +3,7 @@
 A pruned depth-wise conv keeps its timm class family: :class:`MaskedConv2d` subclasses ``nn.Conv2d`` and
 :class:`MaskedConv2dSame` subclasses timm's ``Conv2dSame`` (dynamic TF "SAME" padding of ``tf_*`` models). The tap
 mask ``[C, kh, kw]`` (True = kept) lives in a non-persistent bool buffer, so state-dict keys stay those of the dense
-conv; masks travel separately (DESIGN.md §2).
+conv; masks travel separately (ARCHITECTURE.md §2).
 
 - Training mode: ``conv(x, where(mask, weight, 0))``, so pruned taps get exactly zero gradients and, being zero,
   stay zero under SGD / momentum / weight decay / Adam / AdamW.
@@ -22,7 +22,7 @@ Example:
 from __future__ import annotations
 
 import warnings
-from typing import Iterator, Optional, Union
+from typing import Iterator, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
@@ -54,6 +54,15 @@ _ACT_FNS = {"identity": lambda y: y, "relu": torch.relu, "relu6": nn.functional.
             "hardswish": nn.functional.hardswish, "gelu": nn.functional.gelu}
 _ACT_MODULES = {"identity": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU,
                 "hardswish": nn.Hardswish, "gelu": nn.GELU}
+
+
+class _PlanState(NamedTuple):
+    """What an eval forward needs from the cache, replaced as one object (never field by field)."""
+
+    plan: SparseDWPlan
+    bias: Optional[torch.Tensor]  # fp32 contiguous bias the kernel reads (may share storage with the parameter)
+    src: tuple  # (weight, mask, bias) the plan was built from
+    key: tuple  # their _state_key when it was built
 
 
 def _has_cuda_kernels() -> bool:
@@ -252,17 +261,19 @@ class MaskedConv2d(nn.Conv2d):
     # --------------------------------------------------------------------------------------------------- the plan
     def invalidate_plan(self) -> None:
         """Drop the cached kernel plan; the next sparse call rebuilds it."""
-        self._plan: Optional[SparseDWPlan] = None
-        self._plan_key: Optional[tuple] = None
-        self._plan_src: tuple = ()  # (weight, mask, bias) the plan was built from
-        self._plan_bias: Optional[torch.Tensor] = None
+        self._plan_state: Optional[_PlanState] = None
 
-    def _plan_current(self) -> bool:
-        if self._plan is None:
-            return False
+    def _current_state(self) -> Optional["_PlanState"]:
+        """The cached plan state when it still matches the weight, mask and bias, else None (one read: threads
+        that rebuild it concurrently each replace the whole state, never a part of it)."""
+        state = self._plan_state
+        if state is None:
+            return None
         w, m, b = self.weight, self.mask, self.bias
-        src = self._plan_src
-        return src[0] is w and src[1] is m and src[2] is b and self._plan_key == _state_key(w, m, b)
+        src = state.src
+        if src[0] is w and src[1] is m and src[2] is b and state.key == _state_key(w, m, b):
+            return state
+        return None
 
     def sparse_plan(self) -> SparseDWPlan:
         """The kernel plan for the current weight and mask, rebuilt when stale.
@@ -273,8 +284,12 @@ class MaskedConv2d(nn.Conv2d):
         Raises:
             RuntimeError: the native backend is not available (or lacks CUDA kernels for a CUDA weight).
         """
-        if self._plan_current():
-            return self._plan
+        return self._plan_state_now().plan
+
+    def _plan_state_now(self) -> "_PlanState":
+        state = self._current_state()
+        if state is not None:
+            return state
         w, m, b = self.weight, self.mask, self.bias
         if not backend_available():
             raise RuntimeError(f"cannot build a sparse kernel plan: {_NO_BACKEND}")
@@ -289,9 +304,9 @@ class MaskedConv2d(nn.Conv2d):
                 bias = b.detach()  # shares storage: the kernel reads the current values
             else:
                 bias = b.detach().float().contiguous()
-        self._plan, self._plan_bias, self._plan_src = plan, bias, (w, m, b)
-        self._plan_key = _state_key(w, m, b)
-        return plan
+        state = _PlanState(plan, bias, (w, m, b), _state_key(w, m, b))
+        self._plan_state = state  # one assignment: a concurrent reader sees the old state or the new one
+        return state
 
     def _apply(self, fn, recurse: bool = True):  # .to() / .cuda() / .half(): drop the plan of the old tensors now
         self.invalidate_plan()
@@ -301,7 +316,7 @@ class MaskedConv2d(nn.Conv2d):
         # The plan holds launch closures over raw data pointers (and refs to the tensors it was built from): never
         # copy or pickle it; a copy rebuilds its own on first use.
         state = self.__dict__.copy()
-        state.update(_plan=None, _plan_key=None, _plan_src=(), _plan_bias=None, _static=None)
+        state.update(_plan_state=None, _static=None)
         return state
 
     # ---------------------------------------------------------------------------------------------------- forward
@@ -378,8 +393,8 @@ class MaskedConv2d(nn.Conv2d):
             return "timm_deprune._C was built without CUDA kernels"
         return None
 
-    def _sparse_forward(self, x: torch.Tensor, plan: SparseDWPlan) -> torch.Tensor:
-        return sparse_dwconv2d(x, plan, self._plan_bias, self.activation, self.stride, self._sparse_padding(),
+    def _sparse_forward(self, x: torch.Tensor, state: "_PlanState") -> torch.Tensor:
+        return sparse_dwconv2d(x, state.plan, state.bias, self.activation, self.stride, self._sparse_padding(),
                                self.dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -390,7 +405,7 @@ class MaskedConv2d(nn.Conv2d):
             return self._compiled_forward(x)
         reason = self._sparse_blocker(x)
         if reason is None:
-            return self._sparse_forward(x, self.sparse_plan())
+            return self._sparse_forward(x, self._plan_state_now())
         if self._execution == "sparse":
             raise RuntimeError(f"execution='sparse' cannot run the sparse kernel: {reason}. Use execution='auto'"
                                " (falls back to the masked dense conv) or 'dense'")
@@ -401,9 +416,9 @@ class MaskedConv2d(nn.Conv2d):
     def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
         # Traced by torch.compile: no version counters, data pointers or backend probing here. A cached plan
         # (built by an eager call or sparse_plan(), which check the backend) is used as it is.
-        plan = self._plan
-        if plan is not None and plan.device == x.device and self._input_blocker(x) is None:
-            return self._sparse_forward(x, plan)
+        state = self._plan_state
+        if state is not None and state.plan.device == x.device and self._input_blocker(x) is None:
+            return self._sparse_forward(x, state)
         if self._execution == "sparse":
             raise RuntimeError(
                 "execution='sparse' under torch.compile needs a cached kernel plan for this input: call"

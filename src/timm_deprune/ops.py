@@ -6,12 +6,13 @@ directly, skipping the dispatcher (see BENCHMARKS.md for the measured per-call d
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional, Sequence, Union
 
 import torch
 
 from ._backend import load_extension
-from .sparse_plan import MAX_KERNEL, SparseDWPlan
+from .sparse_plan import MAX_KERNEL, SparseDWPlan, check_plan_tensors
 
 __all__ = ["sparse_dwconv2d", "ACTIVATIONS", "resolve_padding", "output_size"]
 
@@ -21,11 +22,18 @@ _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 PaddingArg = Union[int, str, Sequence[int]]
 
+# Eager fast path: plan -> {input geometry: validated native launch}. Outside the frozen plan, so a copy or an
+# edited plan (dataclasses.replace) never inherits launches bound to another plan's tensors.
+_LAUNCHES: "weakref.WeakKeyDictionary[SparseDWPlan, dict]" = weakref.WeakKeyDictionary()
+# Plan tensors the custom op has checked: (data pointer, version, numel) of each -> True. Bounded.
+_CHECKED_PLANS: dict = {}
+
 
 def _pair(value: Union[int, Sequence[int]], name: str, allowed: tuple[int, ...]) -> tuple[int, int]:
     if isinstance(value, int) and not isinstance(value, bool):
         pair = (value, value)
-    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
         pair = (int(value[0]), int(value[1]))
     else:
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
@@ -61,9 +69,9 @@ def resolve_padding(
         raise ValueError(f"padding string must be 'same' or 'valid', got {padding!r}")
     if isinstance(padding, int) and not isinstance(padding, bool):
         pads = (padding,) * 4
-    elif isinstance(padding, (tuple, list)) and all(isinstance(p, int) for p in padding) and len(padding) == 2:
+    elif isinstance(padding, (tuple, list)) and _ints(padding) and len(padding) == 2:
         pads = (padding[0], padding[0], padding[1], padding[1])
-    elif isinstance(padding, (tuple, list)) and all(isinstance(p, int) for p in padding) and len(padding) == 4:
+    elif isinstance(padding, (tuple, list)) and _ints(padding) and len(padding) == 4:
         left, right, top, bottom = padding
         pads = (top, bottom, left, right)
     else:
@@ -79,6 +87,10 @@ def resolve_padding(
                 f" [0, {limits[2]}] (dilation * (kernel - 1)) for kernel {kh}x{kw}, dilation {dilation}"
             )
     return pads
+
+
+def _ints(values) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
 
 
 def output_size(size: int, k: int, s: int, d: int, p0: int, p1: int) -> int:
@@ -100,10 +112,84 @@ def _out_shape(x: torch.Tensor, kh: int, kw: int, stride: Sequence[int], padding
     return [n, c, oh, ow]
 
 
+def _check_plan_once(plan_tensors: Sequence[torch.Tensor], kh: int, kw: int) -> None:
+    """:func:`check_plan_tensors` on raw plan tensors, skipped when these exact tensors passed before."""
+    try:
+        key = (kh, kw) + tuple((t.data_ptr(), t._version, t.numel(), t.dtype) for t in plan_tensors)
+    except (AttributeError, RuntimeError):  # not tensors, or inference tensors (no version): check every call
+        key = None
+    if key is not None and key in _CHECKED_PLANS:
+        return
+    offsets = plan_tensors[0]
+    channels = offsets.numel() - 1 if isinstance(offsets, torch.Tensor) else -1
+    check_plan_tensors(channels, (kh, kw), *plan_tensors)
+    if key is not None:
+        if len(_CHECKED_PLANS) >= 256:
+            _CHECKED_PLANS.clear()
+        _CHECKED_PLANS[key] = True
+
+
+def _check_op_args(x: torch.Tensor, plan_tensors: Sequence[torch.Tensor], bias: Optional[torch.Tensor], kh: int,
+                   kw: int, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                   activation: int) -> None:
+    """Everything the native launch dereferences or trusts, checked for a direct call of the custom op.
+
+    ``padding`` is ``(top, bottom, left, right)``. :func:`sparse_dwconv2d` checks the same before calling; this
+    guards ``torch.ops.deprune.sparse_dwconv2d`` called by hand or from a graph.
+    """
+    if not (isinstance(kh, int) and isinstance(kw, int) and 1 <= kh <= MAX_KERNEL and 1 <= kw <= MAX_KERNEL):
+        raise ValueError(f"kernel size must be two ints in [1, {MAX_KERNEL}], got {kh}x{kw}")
+    _check_plan_once(plan_tensors, kh, kw)
+    channels = plan_tensors[0].numel() - 1
+    if x.dim() != 4 or x.numel() == 0:
+        raise ValueError(f"expected a non-empty 4-D input [N, C, H, W], got shape {list(x.shape)}")
+    if x.shape[1] != channels:
+        raise ValueError(f"input has {x.shape[1]} channels but the plan was built for {channels}")
+    if x.device != plan_tensors[0].device:
+        raise ValueError(f"input is on {x.device} but the plan tensors are on {plan_tensors[0].device}")
+    _check_dtype(x)
+    stride2 = _pair(list(stride), "stride", (1, 2))
+    dilation2 = _pair(list(dilation), "dilation", (1, 2))
+    if len(padding) != 4 or not _ints(padding):
+        raise ValueError(f"padding must be 4 ints (top, bottom, left, right), got {list(padding)}")
+    limits = (dilation2[0] * (kh - 1),) * 2 + (dilation2[1] * (kw - 1),) * 2
+    if any(p < 0 or p > lim for p, lim in zip(padding, limits)):
+        raise ValueError(f"padding (top, bottom, left, right)={list(padding)} out of range: each must be in [0,"
+                         f" dilation * (kernel - 1)] = {list(limits)}")
+    if activation not in ACTIVATIONS.values():
+        raise ValueError(f"activation code must be one of {sorted(ACTIVATIONS.values())} ({ACTIVATIONS}), got"
+                         f" {activation!r}")
+    oh, ow = _out_shape(x, kh, kw, stride2, padding, dilation2)[2:]
+    if oh < 1 or ow < 1:
+        raise ValueError(f"input of spatial size {list(x.shape[2:])} is too small for kernel {kh}x{kw} with padding"
+                         f" {list(padding)}, dilation {list(dilation2)}: output would be {oh}x{ow}")
+    if bias is not None:
+        if bias.dim() != 1 or bias.shape[0] != channels or bias.dtype != torch.float32:
+            raise ValueError(f"bias must be a float32 tensor of shape [{channels}], got {bias.dtype}"
+                             f" {list(bias.shape)}")
+        if bias.device != x.device:
+            raise ValueError(f"bias is on {bias.device} but the input is on {x.device}")
+
+
+def _check_dtype(x: torch.Tensor) -> None:
+    if x.device.type == "cpu":
+        if x.dtype != torch.float32:
+            raise TypeError(f"on the CPU the input must be torch.float32, got {x.dtype}")
+    elif x.device.type == "cuda":
+        if x.dtype not in _DTYPE_CODES:
+            raise TypeError(f"on CUDA the input must be float32, float16 or bfloat16, got {x.dtype}")
+    else:
+        raise ValueError(f"unsupported device {x.device}: expected cpu or cuda")
+
+
 def _run(x: torch.Tensor, offsets: torch.Tensor, taps: torch.Tensor, values: torch.Tensor,
          block_offsets: torch.Tensor, block_taps: torch.Tensor, block_values: torch.Tensor,
          bias: Optional[torch.Tensor], kh: int, kw: int, stride: Sequence[int], padding: Sequence[int],
          dilation: Sequence[int], activation: int) -> torch.Tensor:
+    plan_tensors = (offsets, taps, values, block_offsets, block_taps, block_values)
+    _check_op_args(x, plan_tensors, bias, kh, kw, stride, padding, dilation, activation)
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
     if _layout(x) == 0 and not x.is_contiguous():
         x = x.contiguous()
     call = _make_call(x, (offsets, taps, values, block_offsets, block_taps, block_values), kh, kw, stride, padding,
@@ -115,7 +201,16 @@ def _launch(x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor, taps: torch
             block_offsets: torch.Tensor, block_taps: torch.Tensor, block_values: torch.Tensor,
             bias: Optional[torch.Tensor], kh: int, kw: int, stride: Sequence[int], padding: Sequence[int],
             dilation: Sequence[int], activation: int) -> None:
-    """Run the native kernel writing into ``y`` (same layout as ``x``, both contiguous in it; validated)."""
+    """Run the native kernel writing into ``y`` (same layout as ``x``, both contiguous in it)."""
+    plan_tensors = (offsets, taps, values, block_offsets, block_taps, block_values)
+    _check_op_args(x, plan_tensors, bias, kh, kw, stride, padding, dilation, activation)
+    shape = _out_shape(x, kh, kw, stride, padding, dilation)
+    layout = _layout(x)
+    fmt = torch.channels_last if layout else torch.contiguous_format
+    if (list(y.shape) != shape or y.dtype != x.dtype or y.device != x.device or not y.is_contiguous(memory_format=fmt)
+            or not (x.is_contiguous(memory_format=fmt))):
+        raise ValueError(f"out must be a {x.dtype} tensor of shape {shape} on {x.device}, contiguous in the input's"
+                         f" layout, got {y.dtype} {list(y.shape)}")
     call = _make_call(x, (offsets, taps, values, block_offsets, block_taps, block_values), kh, kw, stride, padding,
                       dilation, activation)
     call(x, bias, y)
@@ -153,14 +248,7 @@ def _check_inputs(x: torch.Tensor, plan: SparseDWPlan, bias: Optional[torch.Tens
         raise ValueError(f"input has {x.shape[1]} channels but the plan was built for {plan.channels}")
     if x.device != plan.device:
         raise ValueError(f"input is on {x.device} but the plan is on {plan.device}; move one with plan.to(x.device)")
-    if x.device.type == "cpu":
-        if x.dtype != torch.float32:
-            raise TypeError(f"on the CPU the input must be torch.float32, got {x.dtype}")
-    elif x.device.type == "cuda":
-        if x.dtype not in _DTYPE_CODES:
-            raise TypeError(f"on CUDA the input must be float32, float16 or bfloat16, got {x.dtype}")
-    else:
-        raise ValueError(f"unsupported device {x.device}: expected cpu or cuda")
+    _check_dtype(x)
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (plan.channels,):
             got = list(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
@@ -203,7 +291,7 @@ def sparse_dwconv2d(
     compiling = torch.compiler.is_compiling()
     if not compiling and isinstance(x, torch.Tensor) and isinstance(plan, SparseDWPlan):
         key = (x.shape, x.stride(), x.dtype, x.device, _key(stride), _key(padding), _key(dilation), activation)
-        call = plan._calls.get(key)
+        call = _LAUNCHES.get(plan, {}).get(key)
         if call is not None and _bias_ready(bias, x) and not (
             torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
         ):
@@ -232,10 +320,11 @@ def sparse_dwconv2d(
         return torch.ops.deprune.sparse_dwconv2d(*args)
     plan.check_weight()
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
-        if len(plan._calls) >= 64:  # bounded: a plan sees a handful of input sizes in practice
-            plan._calls.clear()
+        calls = _LAUNCHES.setdefault(plan, {})
+        if len(calls) >= 64:  # bounded: a plan sees a handful of input sizes in practice
+            calls.clear()
         tensors = (plan.offsets, plan.taps, plan.values, plan.block_offsets, plan.block_taps, plan.block_values)
-        plan._calls[key] = call = _make_call(x, tensors, kh, kw, stride2, pads, dilation2, ACTIVATIONS[activation])
+        calls[key] = call = _make_call(x, tensors, kh, kw, stride2, pads, dilation2, ACTIVATIONS[activation])
         return call(x, bias)
     return _run(*args)
 

@@ -7,9 +7,10 @@ from typing import Optional
 
 import torch
 
-__all__ = ["SparseDWPlan", "build_plan", "block_channel_order", "block_lanes", "CHANNEL_BLOCK", "GROUP_SIZE"]
+__all__ = ["SparseDWPlan", "build_plan", "block_channel_order", "block_lanes", "check_plan_tensors", "CHANNEL_BLOCK",
+           "GROUP_SIZE", "MAX_KERNEL"]
 
-GROUP_SIZE = 32  # channels per diagonal-wise sub-GEMM (DESIGN.md §1); CUDA thread blocks follow it
+GROUP_SIZE = 32  # channels per diagonal-wise sub-GEMM (ARCHITECTURE.md §1); CUDA thread blocks follow it
 CHANNEL_BLOCK = 8  # channels per SIMD vector in the channels_last CPU kernel (deprune::kChannelBlock)
 MAX_KERNEL = 11
 
@@ -36,8 +37,15 @@ class SparseDWPlan:
     weight_shape: tuple[int, ...] = ()
     _weight_ref: Optional[weakref.ref] = field(default=None, repr=False)
     _weight_version: int = field(default=-1, repr=False)
-    # Eager fast path: validated call per input geometry (ops.sparse_dwconv2d); never shared between plans.
-    _calls: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        # Also runs for dataclasses.replace: an edited plan is checked before any kernel reads it.
+        check_plan_tensors(self.channels, tuple(self.kernel_size), self.offsets, self.taps, self.values,
+                           self.block_offsets, self.block_taps, self.block_values)
+        groups = -(-self.channels // self.group_size) if self.group_size >= 1 else -1
+        if len(self.group_nnz) != groups:
+            raise ValueError(f"plan group_nnz must have {groups} entries (one per {self.group_size}-channel group),"
+                             f" got {len(self.group_nnz)}")
 
     def __repr__(self) -> str:
         kh, kw = self.kernel_size
@@ -72,7 +80,7 @@ class SparseDWPlan:
             name: getattr(self, name).to(device)
             for name in ("offsets", "taps", "values", "block_offsets", "block_taps", "block_values")
         }
-        return replace(self, _calls={}, **move)
+        return replace(self, **move)
 
     def check_weight(self) -> None:
         """Raise when the weight this plan was built from changed shape or was modified in place since."""
@@ -91,6 +99,63 @@ class SparseDWPlan:
                 "SparseDWPlan is stale: its weight was modified in place after the plan was built (version"
                 f" {self._weight_version} -> {weight._version}); rebuild the plan with build_plan(weight, mask)"
             )
+
+
+def _index_problem(name: str, offsets: torch.Tensor, indices: torch.Tensor, rows: int, limit: int) -> Optional[str]:
+    """Why CSR ``offsets`` [rows + 1] over ``indices`` (each in [0, limit)) is malformed, or None."""
+    if offsets.dim() != 1 or offsets.numel() != rows + 1:
+        return f"{name}offsets must have {rows + 1} entries, got shape {list(offsets.shape)}"
+    n = indices.numel()
+    if int(offsets[0]) != 0 or int(offsets[-1]) != n:
+        return (f"{name}offsets must run from 0 to {n} (the number of {name}taps), got"
+                f" {int(offsets[0])}..{int(offsets[-1])}")
+    if rows and bool((offsets[1:] < offsets[:-1]).any()):
+        return f"{name}offsets must be non-decreasing"
+    if n and (int(indices.min()) < 0 or int(indices.max()) >= limit):
+        return (f"{name}taps must be tap indices in [0, {limit}) (ky * kw + kx), got values in"
+                f" [{int(indices.min())}, {int(indices.max())}]")
+    return None
+
+
+def check_plan_tensors(channels: int, kernel_size: tuple[int, int], offsets: torch.Tensor, taps: torch.Tensor,
+                       values: torch.Tensor, block_offsets: torch.Tensor, block_taps: torch.Tensor,
+                       block_values: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless the tensors form a plan the native kernels can read without going out of bounds.
+
+    The one definition of a well-formed plan: :class:`SparseDWPlan` checks itself with it on construction, and the
+    ``deprune::sparse_dwconv2d`` custom op checks the tensors it is given (once per set of tensors).
+    """
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+        raise ValueError(f"plan channels must be a positive int, got {channels!r}")
+    kh, kw = kernel_size
+    if not all(isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= MAX_KERNEL for k in (kh, kw)):
+        raise ValueError(f"plan kernel size must be two ints in [1, {MAX_KERNEL}], got {kernel_size!r}")
+    tensors = {"offsets": offsets, "taps": taps, "values": values, "block_offsets": block_offsets,
+               "block_taps": block_taps, "block_values": block_values}
+    device = None
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"plan {name} must be a tensor, got {type(t).__name__}")
+        expected = torch.float32 if name.endswith("values") else torch.int32
+        if t.dtype != expected:
+            raise ValueError(f"plan {name} must be {expected}, got {t.dtype}")
+        if not t.is_contiguous():
+            raise ValueError(f"plan {name} must be contiguous")
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            raise ValueError(f"plan tensors must share one device: {name} is on {t.device}, offsets on {device}")
+    if taps.dim() != 1 or values.shape != taps.shape:
+        raise ValueError(f"plan taps and values must be 1-D of one length, got {list(taps.shape)} and"
+                         f" {list(values.shape)}")
+    nblocks = -(-channels // CHANNEL_BLOCK)
+    if block_taps.dim() != 1 or tuple(block_values.shape) != (block_taps.numel(), CHANNEL_BLOCK):
+        raise ValueError(f"plan block_values must be [len(block_taps), {CHANNEL_BLOCK}] = [{block_taps.numel()},"
+                         f" {CHANNEL_BLOCK}], got {list(block_values.shape)}")
+    for prefix, offs, idx, rows in (("", offsets, taps, channels), ("block_", block_offsets, block_taps, nblocks)):
+        problem = _index_problem(prefix, offs, idx, rows, kh * kw)
+        if problem is not None:
+            raise ValueError(f"malformed SparseDWPlan for {channels} channels, kernel {kh}x{kw}: {problem}")
 
 
 def build_plan(weight: torch.Tensor, mask: torch.Tensor, group_size: int = GROUP_SIZE) -> SparseDWPlan:

@@ -1,0 +1,243 @@
+"""Hostile inputs: the public custom op, edited plans, concurrent first calls and saves into a user's folder.
+
+Every case that once crashed the process runs in a subprocess, so a segfault fails the test instead of pytest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from timm_deprune import DepruneConfig, build_plan, prune, save_pretrained, sparse_dwconv2d
+from timm_deprune._backend import backend_available
+
+needs_backend = pytest.mark.skipif(not backend_available(), reason="native backend not built")
+
+_OP_PRELUDE = """
+import dataclasses, torch
+from timm_deprune import build_plan
+g = torch.Generator().manual_seed(0)
+p = build_plan(torch.randn(8, 1, 3, 3, generator=g), torch.rand(8, 3, 3, generator=g) > .3)
+op = torch.ops.deprune.sparse_dwconv2d
+def call(x, bias=None, padding=(1, 1, 1, 1), stride=(1, 1), dilation=(1, 1), act=0, kh=3, kw=3, plan=None,
+         **tensors):
+    q = plan or p
+    t = dict(offsets=q.offsets, taps=q.taps, values=q.values, block_offsets=q.block_offsets,
+             block_taps=q.block_taps, block_values=q.block_values)
+    t.update(tensors)
+    return op(x, t["offsets"], t["taps"], t["values"], t["block_offsets"], t["block_taps"], t["block_values"],
+              bias, kh, kw, list(stride), list(padding), list(dilation), act)
+"""
+
+
+def _run_isolated(body: str) -> subprocess.CompletedProcess:
+    """Run ``body`` after the prelude in a fresh interpreter (the same installed package and ``_C``)."""
+    code = _OP_PRELUDE + textwrap.dedent(body)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+_OP_CASES = {
+    "4096 channels for an 8-channel plan": ("call(torch.randn(1, 4096, 64, 64))", "4096 channels"),
+    "fp64 input": ("call(torch.randn(1, 8, 9, 9, dtype=torch.float64))", "float32"),
+    "1-element bias": ("call(torch.randn(1, 8, 9, 9), bias=torch.zeros(1))", "bias must be"),
+    "padding 100": ("call(torch.randn(1, 8, 9, 9), padding=(100, 100, 100, 100))", "padding"),
+    "stride 3": ("call(torch.randn(1, 8, 9, 9), stride=(3, 3))", "stride"),
+    "activation code 99": ("call(torch.randn(1, 8, 9, 9), act=99)", "activation"),
+    "kernel larger than the plan": ("call(torch.randn(1, 8, 9, 9), kh=1, kw=1, padding=(0, 0, 0, 0))", "taps"),
+    "taps out of range": ("call(torch.randn(1, 8, 9, 9), taps=torch.full_like(p.taps, 10**8),"
+                          " block_taps=torch.full_like(p.block_taps, 10**8))", "tap indices"),
+    "int64 offsets": ("call(torch.randn(1, 8, 9, 9), offsets=p.offsets.long())", "torch.int32"),
+    "short offsets": ("call(torch.randn(1, 8, 9, 9), offsets=p.offsets[:4].contiguous())", "channels"),
+    "offsets past the taps": ("call(torch.randn(1, 8, 9, 9), offsets=p.offsets * 100)", "offsets must run"),
+    "values of the wrong length": ("call(torch.randn(1, 8, 9, 9), values=p.values[:1].contiguous())", "values"),
+    "block values of the wrong shape": ("call(torch.randn(1, 8, 9, 9), block_values=p.block_values.flatten())",
+                                        "block_values"),
+    "empty input": ("call(torch.randn(0, 8, 9, 9))", "non-empty"),
+    "too small for the kernel": ("call(torch.randn(1, 8, 1, 1), padding=(0, 0, 0, 0))", "too small"),
+}
+
+
+@needs_backend
+@pytest.mark.parametrize("case", sorted(_OP_CASES))
+def test_custom_op_rejects_bad_arguments_without_crashing(case):
+    expr, needle = _OP_CASES[case]
+    res = _run_isolated(f"""
+        try:
+            {expr}
+        except (ValueError, TypeError, RuntimeError) as e:
+            print("RAISED", type(e).__name__, e)
+        else:
+            print("NO ERROR")
+    """)
+    assert res.returncode == 0, f"process died ({res.returncode}): {res.stderr[-2000:]}"
+    assert "RAISED" in res.stdout, res.stdout
+    assert needle in res.stdout, res.stdout
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda p: dict(taps=torch.full_like(p.taps, 10**8)), "tap indices"),
+    (lambda p: dict(block_taps=torch.full_like(p.block_taps, -1)), "tap indices"),
+    (lambda p: dict(offsets=p.offsets.long()), "torch.int32"),
+    (lambda p: dict(values=p.values.double()), "torch.float32"),
+    (lambda p: dict(offsets=p.offsets.flip(0).contiguous()), "offsets must run"),
+    (lambda p: dict(group_nnz=(1, 2, 3)), "group_nnz"),
+])
+def test_an_edited_plan_is_checked_when_it_is_made(edit, needle):
+    gen = torch.Generator().manual_seed(1)
+    plan = build_plan(torch.randn(40, 1, 3, 3, generator=gen), torch.rand(40, 3, 3, generator=gen) > 0.5)
+    with pytest.raises(ValueError, match=needle):
+        dataclasses.replace(plan, **edit(plan))
+
+
+@needs_backend
+def test_an_edited_plan_does_not_reuse_the_original_launches():
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(16, 1, 3, 3, generator=gen)
+    plan = build_plan(w, torch.ones(16, 3, 3, dtype=torch.bool))
+    x = torch.randn(1, 16, 8, 8, generator=gen)
+    with torch.no_grad():
+        sparse_dwconv2d(x, plan, padding=1)  # caches a launch for this geometry
+        edited = dataclasses.replace(plan, values=torch.zeros_like(plan.values),
+                                     block_values=torch.zeros_like(plan.block_values))
+        assert sparse_dwconv2d(x, edited, padding=1).abs().max() == 0
+
+
+@needs_backend
+def test_first_eval_calls_from_many_threads_agree():
+    gen = torch.Generator().manual_seed(3)
+    for attempt in range(5):
+        conv = torch.nn.Conv2d(64, 64, 3, padding=1, groups=64)
+        from timm_deprune import to_masked
+
+        conv = to_masked(conv, torch.rand(64, 3, 3, generator=gen) > 0.5).eval()
+        x = torch.randn(1, 64, 16, 16, generator=gen)
+        with torch.no_grad():
+            ref = conv._dense(x)
+        conv.invalidate_plan()
+        outs, errors = [None] * 8, []
+        barrier = threading.Barrier(8)
+
+        def work(i):
+            try:
+                barrier.wait()
+                with torch.no_grad():
+                    outs[i] = conv(x)
+            except BaseException as e:  # collected: a thread's exception must fail the test
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        for y in outs:
+            torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ saving
+
+@pytest.fixture(scope="module")
+def pruned():
+    import timm
+
+    model = timm.create_model("mobilenetv2_050", num_classes=10)
+    return prune(model, DepruneConfig.deprune_bh(dw_ratio=0.5, pw_ratio=0.3), input_size=(3, 32, 32)).model
+
+
+SAVED = {"config.json", "model.safetensors", "deprune_masks.safetensors", "README.md"}
+
+
+def test_saving_into_the_working_directory_keeps_the_users_files(pruned, tmp_path, monkeypatch):
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "x.bin").write_bytes(b"\x00\x01")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileExistsError, match="not empty"):
+        save_pretrained(pruned, ".")
+    save_pretrained(pruned, ".", overwrite=True)
+    assert Path.cwd() == tmp_path and tmp_path.is_dir()
+    assert {p.name for p in tmp_path.iterdir()} == SAVED | {"notes.txt", "data"}
+    assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "data" / "x.bin").read_bytes() == b"\0\1"
+    save_pretrained(pruned, ".", overwrite=True)  # again: only the save's own files are replaced
+    assert {p.name for p in tmp_path.iterdir()} == SAVED | {"notes.txt", "data"}
+
+
+def test_cli_refuses_an_empty_output_path(tmp_path, monkeypatch):
+    from conftest import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        run_cli("prune", "mobilenetv2_050", "--random-init", "--output", "")
+    assert exc.value.code == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_killed_saves_temp_folder_is_removed_by_the_next_save(pruned, tmp_path):
+    target = tmp_path / "out"
+    save_pretrained(pruned, target)
+    stale = target / f".deprune-save-{_dead_pid()}-abcd"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half written")
+    live = target / f".deprune-save-{os.getppid()}-abcd"  # a save still running in another process
+    live.mkdir()
+    save_pretrained(pruned, target, overwrite=True)
+    assert not stale.exists() and live.exists()
+
+
+def test_saved_files_follow_the_umask(pruned, tmp_path):
+    old = os.umask(0o022)
+    try:
+        target = save_pretrained(pruned, tmp_path / "new" / "out")
+    finally:
+        os.umask(old)
+    assert target.stat().st_mode & 0o777 == 0o755
+    for p in target.iterdir():
+        assert p.stat().st_mode & 0o777 == 0o644, p
+
+
+def test_a_save_killed_at_any_point_leaves_a_loadable_model(pruned, tmp_path):
+    """SIGKILL a save after each rename into the folder: the folder keeps every file, the user's file survives,
+    and after the last rename the new model loads."""
+    target = tmp_path / "out"
+    save_pretrained(pruned, target)
+    (target / "mine.txt").write_text("keep")
+    script = textwrap.dedent(f"""
+        import os, signal, sys, torch, timm, timm_deprune
+        from timm_deprune import DepruneConfig, prune, save_pretrained
+        torch.manual_seed(0)
+        model = prune(timm.create_model("mobilenetv2_050", num_classes=10),
+                      DepruneConfig.deprune_bh(dw_ratio=0.5, pw_ratio=0.3), input_size=(3, 32, 32)).model
+        real, count, stop = os.replace, [0], int(sys.argv[1])
+        def replace(src, dst):
+            real(src, dst)
+            count[0] += 1
+            if count[0] == stop:
+                os.kill(os.getpid(), signal.SIGKILL)
+        os.replace = replace
+        save_pretrained(model, {str(target)!r}, overwrite=True)
+    """)
+    for stop in range(1, len(SAVED) + 1):
+        res = subprocess.run([sys.executable, "-c", script, str(stop)], capture_output=True, text=True, timeout=300)
+        assert res.returncode == -9, res.stderr[-2000:]
+        names = {p.name for p in target.iterdir()}
+        assert SAVED | {"mine.txt"} <= names, names
+        assert (target / "mine.txt").read_text() == "keep"
+    import timm
+
+    timm.create_model(f"local-dir:{target}", pretrained=True)
+    save_pretrained(pruned, target, overwrite=True)  # the killed saves' temp folders are cleaned up
+    assert {p.name for p in target.iterdir()} == SAVED | {"mine.txt"}
