@@ -25,7 +25,7 @@ import timm_deprune  # noqa: E402
 from conftest import assert_one_line_error, randomize_bn  # noqa: E402
 from conftest import run_cli as run  # noqa: E402
 from timm_deprune import DepruneConfig, export_onnx, masked_convs, ort_session  # noqa: E402
-from timm_deprune.export import CHECK_RTOL, _export  # noqa: E402
+from timm_deprune.export import CHECK_RTOL, export_checked  # noqa: E402
 
 SIZE = (3, 96, 96)
 MODELS = ["efficientnet_b0", "mobilenetv3_small_050"]  # SiLU + SE; ReLU / hardswish + hard-sigmoid SE
@@ -64,7 +64,7 @@ def exported(request, tmp_path_factory):
     """(pruned model, written path, ORT check errors by batch) for one exported model."""
     with _threads(1):
         model = _pruned(request.param, _seed())
-        path, errors = _export(model, tmp_path_factory.mktemp("onnx") / f"{request.param}.onnx", input_size=SIZE)
+        path, errors = export_checked(model, tmp_path_factory.mktemp("onnx") / f"{request.param}.onnx", input_size=SIZE)
     return model, path, errors
 
 

@@ -241,3 +241,55 @@ def test_a_save_killed_at_any_point_leaves_a_loadable_model(pruned, tmp_path):
     timm.create_model(f"local-dir:{target}", pretrained=True)
     save_pretrained(pruned, target, overwrite=True)  # the killed saves' temp folders are cleaned up
     assert {p.name for p in target.iterdir()} == SAVED | {"mine.txt"}
+
+
+# ------------------------------------------------------------------------------------------------ smaller cases
+
+def test_plan_fields_are_checked_with_clear_messages():
+    from timm_deprune import PrunePlan
+
+    base = {"format_version": 1, "config": {}, "dw": [], "pw": []}
+    for version in (True, 1.0, "1"):
+        with pytest.raises(ValueError, match="format_version"):
+            PrunePlan.from_dict(dict(base, format_version=version))
+    with pytest.raises(ValueError, match="'dw' must be a list of layer objects"):
+        PrunePlan.from_dict(dict(base, dw=["a"]))
+
+
+def test_a_plan_with_out_of_range_kept_channels_is_refused():
+    import timm
+
+    from timm_deprune import apply_plan
+
+    model = timm.create_model("mobilenetv2_050", num_classes=10)
+    result = prune(model, DepruneConfig.deprune_bh(dw_ratio=0.5, pw_ratio=0.3), input_size=(3, 32, 32))
+    layer = result.plan.pw[0]
+    bad = dataclasses.replace(result.plan, pw=(dataclasses.replace(layer, kept=layer.kept[:-1] + (10**6,)),))
+    with pytest.raises(ValueError, match=r"kept must be sorted unique channel indices in \[0, "):
+        apply_plan(timm.create_model("mobilenetv2_050", num_classes=10), bad)
+
+
+def test_config_and_op_arguments_name_the_bad_value():
+    with pytest.raises(ValueError, match="ignore must be a module path glob"):
+        DepruneConfig(ignore=None)
+    plan = build_plan(torch.randn(8, 1, 3, 3), torch.ones(8, 3, 3, dtype=torch.bool))
+    x = torch.randn(1, 8, 5, 5)
+    with pytest.raises(ValueError, match=r"activation must be one of .* got \['relu'\]"):
+        sparse_dwconv2d(x, plan, activation=["relu"])
+    with pytest.raises(ValueError, match="stride must be"):
+        sparse_dwconv2d(x, plan, stride=(True, 1))
+    with pytest.raises(ValueError, match="padding must be"):
+        sparse_dwconv2d(x, plan, padding=(True, 1))
+
+
+def test_nan_pointwise_importance_is_refused():
+    import timm
+
+    def importance(kind, path, module):
+        if kind == "pw":
+            return torch.full((module.out_channels,), float("nan"))
+        return module.weight.detach()[:, 0].abs()
+
+    with pytest.raises(ValueError, match="point-wise importance of .* NaN"):
+        prune(timm.create_model("mobilenetv2_050", num_classes=10),
+              DepruneConfig.deprune_bh(dw_ratio=0.5, pw_ratio=0.3, importance=importance), input_size=(3, 32, 32))

@@ -1,4 +1,4 @@
-"""Hub storage and the timm hook, all offline (DESIGN.md §2, §4).
+"""Hub storage and the timm hook, all offline (ARCHITECTURE.md §2).
 
 - An HF cache built by hand in ``tmp_path`` (``models--org--name/refs/main``, ``snapshots/<sha>/``, ``blobs/``)
   with ``HF_HUB_OFFLINE``. huggingface_hub 2.x reads ``constants.HF_HUB_OFFLINE`` / ``HF_HUB_CACHE`` when a call

@@ -30,7 +30,7 @@
 namespace deprune {
 namespace cuda_block {
 
-constexpr int kGroup = 32;                          // channels per block: one diagonal-wise sub-GEMM (DESIGN §1)
+constexpr int kGroup = 32;                          // channels per block: one diagonal-wise sub-GEMM (ARCHITECTURE.md §1)
 constexpr int kThreads = 256;                       // threads per block
 constexpr int kWarps = kThreads / 32;               // 8
 constexpr int kChannelsPerWarp = kGroup / kWarps;   // NCHW: 4 channels per warp

@@ -28,7 +28,7 @@ import torch
 import timm_deprune
 from .config import ALIGN_MODES, IMPORTANCE_NAMES, DepruneConfig
 from .hub import MASKS_FILE, SAVED_FILES, from_pretrained, load_masks, read_config, save_pretrained
-from .model_card import _config_str, _method
+from .model_card import config_summary, method_name
 from ._cli_sources import (CliError, load_dense, load_source, network_cause, resolve_folder, unknown_model,
                            why_offline)
 from .plan import PrunePlan
@@ -435,7 +435,7 @@ def _cmd_push(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from .export import MIN_OPSET, _export, _opset
+    from .export import MIN_OPSET, export_checked, onnx_opset
 
     start = time.perf_counter()
     _check_numbers(args, batch_size=1, opset=MIN_OPSET)
@@ -445,13 +445,13 @@ def _cmd_export(args: argparse.Namespace) -> None:
     if output.exists() and not args.overwrite:
         raise CliError(f"{output} exists; pass --overwrite to replace it, or choose another --output")
     model = load_source(args.source)
-    path, errors = _export(model, output, input_size=args.input_size, batch_size=args.batch_size,
+    path, errors = export_checked(model, output, input_size=args.input_size, batch_size=args.batch_size,
                            dynamic_batch=not args.static_batch, opset=args.opset, check=args.check,
                            overwrite=args.overwrite)
     size = args.input_size or (getattr(model, "pretrained_cfg", None) or {}).get("input_size") or (3, 224, 224)
     batch = "N (dynamic)" if not args.static_batch else str(args.batch_size)
     print(f"wrote {path} ({_size(path.stat().st_size)}; input [{batch}, {', '.join(map(str, size))}],"
-          f" opset {_opset(path)})")
+          f" opset {onnx_opset(path)})")
     if errors is None:
         print("ORT check    skipped (--no-check)")
     else:
@@ -543,7 +543,7 @@ def _cmd_info(args: argparse.Namespace) -> None:
     arch = config.get("architecture") or plan.arch
     print(f"source        {name}")
     print(f"architecture  {arch} (num_classes {config.get('num_classes')}, in_chans {args_.get('in_chans', 3)})")
-    print(f"method        {_method(plan.config)}: {_config_str(plan.config)}")
+    print(f"method        {method_name(plan.config)}: {config_summary(plan.config)}")
     pruned, total = _dw_sparsity(plan)
     print(f"plan          format version {plan.format_version}; {len(plan.dw)} depth-wise layers pruned"
           f" ({pruned / max(total, 1):.1%} of their taps), {len(plan.pw)} point-wise layers with channels removed")

@@ -56,7 +56,7 @@ def block_size(granularity: str) -> int:
 
 @dataclass(frozen=True)
 class DepruneConfig:
-    """How to prune the depth-wise separable convs of a model (DESIGN.md §1).
+    """How to prune the depth-wise separable convs of a model (ARCHITECTURE.md §1).
 
     Args:
         dw_ratio: fraction of depth-wise taps to prune, one float for every DW conv or a mapping from module
@@ -113,6 +113,8 @@ class DepruneConfig:
             _positive_int(getattr(self, name), name)
         if not callable(self.importance) and self.importance not in IMPORTANCE_NAMES:
             raise ValueError(f"importance must be one of {IMPORTANCE_NAMES} or a callable, got {self.importance!r}")
+        if not isinstance(self.ignore, (str, list, tuple)):
+            raise ValueError(f"ignore must be a module path glob or a list / tuple of them, got {self.ignore!r}")
         ignore = (self.ignore,) if isinstance(self.ignore, str) else tuple(self.ignore)
         if not all(isinstance(g, str) and g for g in ignore):
             raise ValueError(f"ignore must be module path globs (strings), got {self.ignore!r}")
@@ -129,7 +131,7 @@ class DepruneConfig:
         """Channels that share one tap pattern (1 for element granularity)."""
         return block_size(self.granularity)
 
-    # Presets named as in the paper (DESIGN.md §1): DEPrune = DCP + PW filter pruning, -B adds BWT, -BH adds HSR.
+    # Presets named as in the paper (ARCHITECTURE.md §1): DEPrune = DCP + PW filter pruning, -B adds BWT, -BH adds HSR.
     @classmethod
     def deprune(cls, dw_ratio: RatioSpec, pw_ratio: RatioSpec = 0.0, **kwargs) -> "DepruneConfig":
         """DEPrune: DCP on depth-wise convs plus point-wise filter pruning."""

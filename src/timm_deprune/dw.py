@@ -1,4 +1,4 @@
-"""DCP / BWT / HSR: which taps of a depth-wise conv to prune (DESIGN.md §1).
+"""DCP / BWT / HSR: which taps of a depth-wise conv to prune (ARCHITECTURE.md §1).
 
 One function, :func:`select_dw_taps`, decides a layer's tap mask from per-tap scores. Alignment (HSR) is part of
 the selection: each group's pruned count is chosen aligned to the tile before ranking, so no second pass exists.

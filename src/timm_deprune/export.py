@@ -23,7 +23,7 @@ from torch import nn
 from .layers import MaskedConv2d, masked_convs
 from .optimize import fold_all_batchnorms
 
-__all__ = ["export_onnx", "ort_session", "CHECK_RTOL"]
+__all__ = ["export_onnx", "export_checked", "ort_session", "onnx_opset", "CHECK_RTOL", "MIN_OPSET"]
 
 CHECK_RTOL = 1e-5  # ORT vs PyTorch, relative L2 error of the output (fp32)
 MIN_OPSET = 18  # torch's dynamo exporter implements opset 18 and up; lower ones are a best-effort conversion
@@ -112,7 +112,7 @@ def _rel_error(out, ref: torch.Tensor) -> float:
     return float((torch.as_tensor(out).double() - ref).norm() / ref.norm().clamp_min(1e-12))
 
 
-def _export(model: nn.Module, path: Union[str, Path], *, input_size: Optional[Sequence[int]] = None,
+def export_checked(model: nn.Module, path: Union[str, Path], *, input_size: Optional[Sequence[int]] = None,
             batch_size: int = 1, dynamic_batch: bool = True, opset: Optional[int] = None, check: bool = True,
             overwrite: bool = False) -> tuple[Path, Optional[dict[int, float]]]:
     """:func:`export_onnx`, also returning the ORT check's relative error per batch size (None without a check)."""
@@ -168,7 +168,7 @@ def _export(model: nn.Module, path: Union[str, Path], *, input_size: Optional[Se
         torch.onnx.export(deploy, (inputs[batch_size],), str(tmp), dynamo=True, external_data=False, verbose=False,
                           input_names=[INPUT_NAME], output_names=names, opset_version=opset, **kwargs)
         if opset is not None:
-            written = _opset(tmp)
+            written = onnx_opset(tmp)
             if written != opset:  # torch keeps its own opset when it cannot convert, and only logs it
                 raise ValueError(f"opset {opset}: torch {torch.__version__}'s ONNX exporter could not convert this"
                                  f" model to it (it wrote opset {written}); pass opset={written} or None")
@@ -192,7 +192,7 @@ def _export(model: nn.Module, path: Union[str, Path], *, input_size: Optional[Se
     return target, errors
 
 
-def _opset(path: Path) -> int:
+def onnx_opset(path: Path) -> int:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -243,5 +243,5 @@ def export_onnx(model: nn.Module, path: Union[str, Path], *, input_size: Optiona
         >>> export_onnx(model, "mnv2.onnx")  # doctest: +SKIP
         PosixPath('/.../mnv2.onnx')
     """
-    return _export(model, path, input_size=input_size, batch_size=batch_size, dynamic_batch=dynamic_batch,
+    return export_checked(model, path, input_size=input_size, batch_size=batch_size, dynamic_batch=dynamic_batch,
                    opset=opset, check=check, overwrite=overwrite)[0]

@@ -7,7 +7,7 @@ from torch import nn
 
 from .plan import PrunePlan
 
-__all__ = ["model_card"]
+__all__ = ["model_card", "method_name", "config_summary"]
 
 
 def _yaml_list(items) -> str:
@@ -26,7 +26,7 @@ def model_card(model: nn.Module, plan: PrunePlan, card: Mapping[str, Any]) -> st
     if base_model:
         meta.append(f"base_model: {base_model}")
     meta.append("---")
-    lines = meta + ["", f"# {arch} pruned with {_method(conf)}", ""]
+    lines = meta + ["", f"# {arch} pruned with {method_name(conf)}", ""]
     lines += [
         f"Depth-wise separable convolutions of `{arch}` pruned with DEPrune (NeurIPS 2024) by"
         " [timm-deprune](https://github.com/timm-deprune/timm-deprune): depth-wise taps pruned element-wise"
@@ -36,7 +36,7 @@ def model_card(model: nn.Module, plan: PrunePlan, card: Mapping[str, Any]) -> st
         + ("; block-internal point-wise filters pruned by l2-norm" if plan.pw else "") + ".",
         "",
         f"- Base weights: {card.get('base_weights', 'not recorded')}" + (f" (`{base_model}`)" if base_model else ""),
-        f"- Config: `{_config_str(conf)}`",
+        f"- Config: `{config_summary(conf)}`",
         f"- Plan format version {plan.format_version}; masks in `deprune_masks.safetensors` (uint8 per layer)",
         "",
     ]
@@ -73,13 +73,13 @@ def model_card(model: nn.Module, plan: PrunePlan, card: Mapping[str, Any]) -> st
     return "\n".join(lines)
 
 
-def _method(conf: Mapping) -> str:
+def method_name(conf: Mapping) -> str:
     if conf.get("balance") and conf.get("align") not in (None, "none"):
         return "DEPrune-BH"
     return "DEPrune-B" if conf.get("balance") else "DEPrune"
 
 
-def _config_str(conf: Mapping) -> str:
+def config_summary(conf: Mapping) -> str:
     keys = ("dw_ratio", "pw_ratio", "balance", "align", "tile", "group", "pw_tile", "importance", "remove_dead",
             "granularity")
     return ", ".join(f"{k}={conf[k]!r}" for k in keys if k in conf)

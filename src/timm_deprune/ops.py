@@ -288,6 +288,8 @@ def sparse_dwconv2d(
         >>> w = torch.randn(32, 1, 3, 3); plan = build_plan(w, torch.rand(32, 3, 3) > 0.71)
         >>> y = sparse_dwconv2d(torch.randn(1, 32, 56, 56), plan, activation="relu6", padding=1)
     """
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     compiling = torch.compiler.is_compiling()
     if not compiling and isinstance(x, torch.Tensor) and isinstance(plan, SparseDWPlan):
         key = (x.shape, x.stride(), x.dtype, x.device, _key(stride), _key(padding), _key(dilation), activation)

@@ -16,7 +16,6 @@ from timm.models._efficientnet_blocks import (DepthwiseSeparableConv, EdgeResidu
                                               UniversalInvertedResidual)
 
 from .layers import MaskedConv2d, fold_batchnorm
-from .plan import _set_module
 from .pw import ChannelGroup, find_channel_groups, group_splits, prune_channels, slice_channels
 from .sparse_plan import CHANNEL_BLOCK, block_channel_order, block_lanes
 
@@ -130,7 +129,7 @@ def fold_all_batchnorms(model: nn.Module, input_size: Sequence[int] = (3, 224, 2
                 c.activation = name
             fused += name != "identity"
             tail = []
-        _set_module(model, bn_path, nn.Sequential(*tail) if len(tail) > 1 else (tail[0] if tail else nn.Identity()))
+        model.set_submodule(bn_path, nn.Sequential(*tail) if len(tail) > 1 else (tail[0] if tail else nn.Identity()))
     return {"folded": folded, "fused_activations": fused}
 
 
@@ -249,7 +248,7 @@ def fuse_conv_activations(model: nn.Module, input_size: Sequence[int] = (3, 224,
             continue
         conv.__class__ = ConvAct2d
         conv.post_act = _activation_name(model.get_submodule(act_path))
-        _set_module(model, act_path, nn.Identity())
+        model.set_submodule(act_path, nn.Identity())
         n += 1
     return n
 

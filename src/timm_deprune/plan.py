@@ -98,9 +98,13 @@ class PrunePlan:
         if not isinstance(data, Mapping):
             raise ValueError(f"a prune plan must be a mapping, got {type(data).__name__}")
         version = data.get("format_version")
-        if version != PLAN_FORMAT_VERSION:
+        if type(version) is not int or version != PLAN_FORMAT_VERSION:
             raise ValueError(f"unsupported prune plan format_version {version!r}; this timm_deprune reads"
                              f" version {PLAN_FORMAT_VERSION} (upgrade timm-deprune for newer plans)")
+        for key in ("dw", "pw"):
+            entries = data.get(key, ())
+            if not isinstance(entries, (list, tuple)) or not all(isinstance(e, Mapping) for e in entries):
+                raise ValueError(f"malformed prune plan: {key!r} must be a list of layer objects, got {entries!r:.80}")
         try:
             return cls(config=dict(data["config"]), arch=data.get("arch"),
                        pw=tuple(PWLayerPlan.from_dict(p) for p in data.get("pw", ())),
@@ -132,6 +136,13 @@ def apply_pw(model: nn.Module, group: ChannelGroup, layer: PWLayerPlan) -> None:
     if out != layer.channels_before:
         raise ValueError(f"prune plan expects {layer.channels_before} channels out of {group.producer!r}, the"
                          f" model has {out}: the plan was made for a different architecture")
+    kept = layer.kept
+    if list(kept) != sorted(set(kept)) or (kept and not 0 <= kept[0] <= kept[-1] < out):
+        raise ValueError(f"prune plan for {group.producer!r}: kept must be sorted unique channel indices in [0, {out}),"
+                         f" got {list(kept)[:8]}{'...' if len(kept) > 8 else ''}")
+    if any(not 0 <= d < len(kept) for d in layer.dead) or len(set(layer.dead)) != len(layer.dead):
+        raise ValueError(f"prune plan for {group.producer!r}: dead must be unique positions in [0, {len(kept)}) of"
+                         f" the kept channels, got {list(layer.dead)[:8]}")
     if len(layer.kept) < out:
         prune_channels(model, group, torch.tensor(layer.kept, dtype=torch.long))
     if layer.dead:
@@ -179,10 +190,6 @@ def apply_plan(model: nn.Module, plan: PrunePlan, masks: Optional[Mapping[str, t
             mask = masks[layer.path]
             if tuple(mask.shape) != shape:
                 raise ValueError(f"mask of {layer.path!r} has shape {tuple(mask.shape)}, expected {shape}")
-        _set_module(model, layer.path, to_masked(conv, mask.to(torch.bool)))
+        model.set_submodule(layer.path, to_masked(conv, mask.to(torch.bool)))
     return model
 
-
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, name, module)

@@ -13,7 +13,7 @@ from timm.layers import Conv2dSame, MixedConv2d
 
 from .config import DepruneConfig, resolve_ratios
 from .dw import select_dw_taps
-from .plan import DWLayerPlan, PrunePlan, PWLayerPlan, apply_pw, _set_module
+from .plan import DWLayerPlan, PrunePlan, PWLayerPlan, apply_pw
 from .pw import (bn_scale, filter_scores, find_channel_groups, group_splits, is_depthwise,
                  kept_pw_count, select_pw_channels)
 from .report import LayerReport, PruneReport, count_macs
@@ -126,7 +126,7 @@ def _params(model: nn.Module) -> int:
 
 def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
           input_size: Optional[Sequence[int]] = None) -> PruneResult:
-    """Prune the depth-wise separable convs of ``model`` as ``config`` says (DESIGN.md §1).
+    """Prune the depth-wise separable convs of ``model`` as ``config`` says (ARCHITECTURE.md §1).
 
     Point-wise filter pruning first (block-internal channels only, with channel surgery), then DCP / BWT / HSR on
     every depth-wise conv; DW channels left with no tap are removed and folded into the next point-wise conv
@@ -228,7 +228,7 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
             achieved_ratio=pruned / ((conv.out_channels + removed) * k), min_group_ratio=sel.min_group_ratio,
             max_group_ratio=sel.max_group_ratio, aligned=sel.aligned, direction=sel.direction, group=config.group,
             tile=config.tile, balanced=config.balance, dead_removed=removed))
-        _set_module(model, path, to_masked(conv, sel.mask))
+        model.set_submodule(path, to_masked(conv, sel.mask))
 
     pw_plans = tuple(
         PWLayerPlan(g.producer, g.consumer, g.block, pw_dense[g.producer], pw_ratios.get(g.producer, 0.0),

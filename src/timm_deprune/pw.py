@@ -235,6 +235,14 @@ def group_splits(model: nn.Module, group: ChannelGroup) -> list[list[int]]:
 
 def filter_scores(model: nn.Module, group: ChannelGroup, importance) -> torch.Tensor:
     """Importance of every internal channel: the l2 (or l1) norm of its producer filter, optionally BN-scaled."""
+    scores = _filter_scores(model, group, importance)
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError(f"point-wise importance of {group.producer!r} contains NaN or inf (check its weights and"
+                         " BatchNorm statistics)")
+    return scores
+
+
+def _filter_scores(model: nn.Module, group: ChannelGroup, importance) -> torch.Tensor:
     producer = _get(model, group.producer)
     if callable(importance):
         scores = importance("pw", group.producer, producer)

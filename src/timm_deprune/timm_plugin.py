@@ -1,7 +1,7 @@
 """timm integration: ``ARCH.deprune`` pretrained tags and DEPrune builds inside timm's own model factory.
 
 timm has no public way to add a tag to an existing architecture or a build step to its factory, so this module
-(DESIGN.md §2, verified on timm 1.0.31):
+(ARCHITECTURE.md §2, verified on timm 1.0.31):
 
 - registers ``ARCH.deprune`` pretrained cfgs in timm's registry dicts (appended: timm's default tags stay first);
 - wraps every architecture entrypoint: a call that carries a DEPrune plan (``model_args.deprune`` of an
@@ -201,8 +201,10 @@ def _build(model: nn.Module, pending: _Pending) -> nn.Module:
             raise ValueError(f"{pending.arch}: a DEPrune plan without a source (local-dir or hf-hub) to read masks from")
         masks_file, where = _hub_file(repo, MASKS_FILE), repo
         weights_name = cfg.get("hf_hub_filename") or WEIGHTS_FILE
-        weights_file = _hub_file(repo, weights_name) if pending.pretrained and weights_name.endswith(".safetensors") \
-            else None
+        if pending.pretrained and not weights_name.endswith(".safetensors"):
+            raise ValueError(f"{repo}: DEPrune models load safetensors weights only, the config names"
+                             f" {weights_name!r}")
+        weights_file = _hub_file(repo, weights_name) if pending.pretrained else None
     if weights_file is not None:
         _check_weights(weights_file)  # timm's own error for a truncated file names neither the file nor the model
     masks = load_masks(masks_file)
