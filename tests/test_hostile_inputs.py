@@ -293,3 +293,41 @@ def test_nan_pointwise_importance_is_refused():
     with pytest.raises(ValueError, match="point-wise importance of .* NaN"):
         prune(timm.create_model("mobilenetv2_050", num_classes=10),
               DepruneConfig.deprune_bh(dw_ratio=0.5, pw_ratio=0.3, importance=importance), input_size=(3, 32, 32))
+
+
+def test_cli_checks_output_and_input_size_before_pruning(tmp_path):
+    from conftest import assert_one_line_error, run_cli
+
+    (tmp_path / "afile").write_text("x")
+    code, _, err = run_cli("prune", "mobilenetv2_050", "--random-init", "--output", str(tmp_path / "afile" / "sub"))
+    assert_one_line_error(code, err, "is a file, so the folder cannot be created")
+    code, _, err = run_cli("prune", "mobilenetv2_050", "--random-init", "--input-size", "1", "64", "64",
+                           "--output", str(tmp_path / "out"))
+    assert_one_line_error(code, err, "--input-size has 1 channels", exit_code=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_nan_depthwise_weights_name_the_layer():
+    import timm
+
+    model = timm.create_model("mobilenetv2_050", num_classes=10)
+    with torch.no_grad():
+        model.blocks[1][0].conv_dw.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"depth-wise layer 'blocks\.1\.0\.conv_dw' has NaN"):
+        prune(model, DepruneConfig.deprune_bh(dw_ratio=0.5), input_size=(3, 32, 32))
+
+
+def test_info_takes_the_hf_hub_and_local_dir_prefixes(pruned, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from conftest import assert_one_line_error, run_cli
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+
+    folder = save_pretrained(pruned, tmp_path / "m")
+    code, out, err = run_cli("info", f"local-dir:{folder}")
+    assert code == 0, err
+    assert "architecture" in out
+    code, _, err = run_cli("info", "hf-hub:nobody-here/not-cached")
+    assert_one_line_error(code, err, "Hub repo nobody-here/not-cached is not in the local cache")

@@ -144,7 +144,17 @@ def load_source(source: str) -> torch.nn.Module:
 
 
 def resolve_folder(source: str) -> tuple[Path, str]:
-    """A local folder, or the cached snapshot folder of a Hub repo (downloading config.json if not cached)."""
+    """A local folder, or the cached snapshot folder of a Hub repo (downloading config.json if not cached).
+
+    Takes the prefixes ``load_source`` takes: ``local-dir:DIR`` and ``hf-hub:ORG/NAME``.
+    """
+    if source.startswith("local-dir:"):
+        folder = Path(source[len("local-dir:"):]).expanduser()
+        if not folder.is_dir():
+            raise CliError(f"no model folder {str(folder)!r}")
+        return folder.absolute(), f"local-dir:{folder.absolute()}"
+    if source.startswith("hf-hub:"):
+        source = source[len("hf-hub:"):]
     path = Path(source).expanduser()
     if path.is_dir():
         return path.absolute(), f"local-dir:{path.absolute()}"

@@ -266,7 +266,11 @@ def _check_args(args: argparse.Namespace) -> None:
     if out.exists() and not out.is_dir():
         raise CliError(f"--output {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        raise CliError(f"output folder {out} is not empty; pass --overwrite to replace it, or choose another --output")
+        raise CliError(f"output folder {out} is not empty; pass --overwrite to replace the files a save writes (others"
+                       " are kept), or choose another --output")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise CliError(f"--output {out}: {parent} is a file, so the folder cannot be created")
 
 
 def _dw_sparsity(plan: PrunePlan) -> tuple[int, int]:
@@ -315,6 +319,10 @@ def _cmd_prune(args: argparse.Namespace) -> None:
         bar.update()
         bar.set_description(f"prune ({config.method})")
         size = _input_size(dense, args)
+        stem = next((m for m in dense.modules() if isinstance(m, torch.nn.Conv2d)), None)
+        if stem is not None and size[0] != stem.in_channels:
+            raise CliError(f"--input-size has {size[0]} channels but {args.model} takes {stem.in_channels} (pass"
+                           " --in-chans to change the model's input channels)", 2)
         result = timm_deprune.prune(dense, config, input_size=size)
         bar.update()
         model = result.model

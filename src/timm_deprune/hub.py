@@ -21,7 +21,8 @@ from .layers import masked_convs
 from .plan import PrunePlan
 
 __all__ = ["save_pretrained", "push_to_hub", "from_pretrained", "save_masks", "load_masks", "MASKS_FILE",
-           "WEIGHTS_FILE", "SAVED_FILES", "model_plan"]
+           "WEIGHTS_FILE", "SAVED_FILES", "model_plan", "check_masks", "check_weights", "hub_file", "hub_plan",
+           "read_config"]
 
 MASKS_FILE = "deprune_masks.safetensors"
 WEIGHTS_FILE = "model.safetensors"
@@ -177,6 +178,40 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def check_weights(path) -> None:
+    """A truncated or corrupted weights file raises ``ValueError`` naming it (before timm tries to load it)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # safetensors raises its own error types for a bad header or a truncated file
+        raise ValueError(f"cannot read DEPrune weights file {path}: {e}") from e
+
+
+def hub_file(repo: str, filename: str) -> str:
+    """Path of ``filename`` of Hub repo ``repo`` (``org/name[@revision]``) in the local cache, downloaded if needed."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+    from timm.models._hub import hf_split
+
+    repo_id, revision = hf_split(repo)
+    try:
+        return hf_hub_download(repo_id=repo_id, filename=filename, revision=revision)
+    except (FileNotFoundError, EntryNotFoundError) as e:  # huggingface_hub's own errors name neither
+        raise FileNotFoundError(f"cannot get {filename} of Hub repo {repo}: {' '.join(str(e).split())}") from e
+
+
+def hub_plan(repo: str) -> dict:
+    """The DEPrune plan (``model_args.deprune``) in a Hub repo's ``config.json``."""
+    with open(hub_file(repo, "config.json")) as f:
+        config = json.load(f)
+    plan = config.get("model_args", {}).get("deprune")
+    if plan is None:
+        raise ValueError(f"{repo}/config.json has no model_args.deprune: not a timm-deprune model")
+    return plan
+
+
 def push_to_hub(model: nn.Module, repo_id: str, *, private: bool = False, token: Optional[str] = None,
                 revision: Optional[str] = None, commit_message: str = "Add DEPrune pruned model",
                 card: Optional[Mapping[str, Any]] = None, api=None) -> str:
@@ -206,8 +241,6 @@ def from_pretrained(repo_id_or_dir: Union[str, Path], **kwargs) -> nn.Module:
         >>> model = from_pretrained("my-org/mobilenetv2_100.deprune")  # doctest: +SKIP
     """
     import timm
-
-    from . import timm_plugin  # noqa: F401  (the loaders need the hook installed)
 
     path = Path(repo_id_or_dir).expanduser()
     if path.is_dir():

@@ -69,8 +69,13 @@ def _dw_scores(model: nn.Module, path: str, conv: nn.Conv2d, importance, bn_of: 
         if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != shape:
             raise ValueError(f"importance callable must return a {list(shape)} tensor for depth-wise layer {path!r},"
                              f" got {getattr(scores, 'shape', type(scores))}")
-        return scores.detach().float().cpu()
+        scores = scores.detach().float().cpu()
+        if not bool(torch.isfinite(scores).all()):
+            raise ValueError(f"importance of depth-wise layer {path!r} contains NaN or inf")
+        return scores
     w = conv.weight.detach().float().cpu()[:, 0]
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"depth-wise layer {path!r} has NaN or inf weights: cannot rank its taps")
     scores = w.abs() if importance == "l1" else w.square()
     if importance == "bn_scaled":
         scale = bn_of.get(path)

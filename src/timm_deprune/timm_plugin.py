@@ -168,7 +168,7 @@ def _adapt(original):
 
 def _build(model: nn.Module, pending: _Pending) -> nn.Module:
     """Turn the freshly built dense model into the DEPrune variant, before timm loads any weights."""
-    from .hub import MASKS_FILE, WEIGHTS_FILE, check_masks, load_masks
+    from .hub import MASKS_FILE, WEIGHTS_FILE, check_masks, check_weights, hub_file, hub_plan, load_masks
     from .plan import PrunePlan, apply_plan
     from .prune import prune
 
@@ -185,7 +185,7 @@ def _build(model: nn.Module, pending: _Pending) -> nn.Module:
         return result.model
     if pending.plan is None:
         # ARCH.deprune with weights: the plan is in the published config.json
-        plan_dict = _hub_plan(cfg)
+        plan_dict = hub_plan(cfg.get("hf_hub_id"))
     else:
         plan_dict = pending.plan
     plan = PrunePlan.from_dict(plan_dict)
@@ -199,50 +199,19 @@ def _build(model: nn.Module, pending: _Pending) -> nn.Module:
         repo = cfg.get("hf_hub_id")
         if not repo:
             raise ValueError(f"{pending.arch}: a DEPrune plan without a source (local-dir or hf-hub) to read masks from")
-        masks_file, where = _hub_file(repo, MASKS_FILE), repo
+        masks_file, where = hub_file(repo, MASKS_FILE), repo
         weights_name = cfg.get("hf_hub_filename") or WEIGHTS_FILE
         if pending.pretrained and not weights_name.endswith(".safetensors"):
             raise ValueError(f"{repo}: DEPrune models load safetensors weights only, the config names"
                              f" {weights_name!r}")
-        weights_file = _hub_file(repo, weights_name) if pending.pretrained else None
+        weights_file = hub_file(repo, weights_name) if pending.pretrained else None
     if weights_file is not None:
-        _check_weights(weights_file)  # timm's own error for a truncated file names neither the file nor the model
+        check_weights(weights_file)  # timm's own error for a truncated file names neither the file nor the model
     masks = load_masks(masks_file)
     check_masks(plan, masks, where)
     apply_plan(model, plan, masks)
     model.deprune_plan = plan
     return model
-
-
-def _check_weights(path) -> None:
-    """A truncated or corrupted weights file raises ``ValueError`` naming it (before timm tries to load it)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            f.keys()
-    except Exception as e:  # safetensors raises its own error types for a bad header or a truncated file
-        raise ValueError(f"cannot read DEPrune weights file {path}: {e}") from e
-
-
-def _hub_file(repo: str, filename: str) -> str:
-    from huggingface_hub import hf_hub_download
-    from timm.models._hub import hf_split
-
-    repo_id, revision = hf_split(repo)
-    return hf_hub_download(repo_id=repo_id, filename=filename, revision=revision)
-
-
-def _hub_plan(cfg: dict) -> dict:
-    import json
-
-    repo = cfg.get("hf_hub_id")
-    with open(_hub_file(repo, "config.json")) as f:
-        config = json.load(f)
-    plan = config.get("model_args", {}).get(TAG)
-    if plan is None:
-        raise ValueError(f"{repo}/config.json has no model_args.{TAG}: not a timm-deprune model")
-    return plan
 
 
 def install() -> None:
