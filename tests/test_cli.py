@@ -72,7 +72,7 @@ def test_prune_random_init_writes_a_folder_timm_loads(pruned):
     assert "Base weights: random init" in (folder / "README.md").read_text()
 
     model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
-    masked = timm_deprune.masked_convs(model)
+    masked = list(timm_deprune.masked_convs(model))
     assert masked and all(not bool(m.mask.all()) for _, m in masked)
     reference = timm_deprune.from_pretrained(folder).eval()
     x = torch.randn(2, 3, 64, 64)
@@ -223,7 +223,7 @@ def test_recalibration_runs_and_records_accuracy(tmp_path):
     assert code == 0, err
     assert "recalibrated 2 steps" in out and "distilled from the dense model" in out and "validation top-1" in out
     assert "- top1: " in (folder / "README.md").read_text()
-    assert timm_deprune.masked_convs(timm_deprune.from_pretrained(folder))
+    assert list(timm_deprune.masked_convs(timm_deprune.from_pretrained(folder)))
 
 
 @pytest.mark.parametrize("before", [False, True], ids=["after-command", "before-command"])
