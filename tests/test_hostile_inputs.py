@@ -331,3 +331,30 @@ def test_info_takes_the_hf_hub_and_local_dir_prefixes(pruned, tmp_path, monkeypa
     assert "architecture" in out
     code, _, err = run_cli("info", "hf-hub:nobody-here/not-cached")
     assert_one_line_error(code, err, "Hub repo nobody-here/not-cached is not in the local cache")
+
+
+def test_architectures_registered_after_import_get_deprune_builds(tmp_path):
+    """A user's @register_model after ``import timm_deprune`` is wrapped too: a saved DEPrune folder of it loads."""
+    import timm
+    from timm.models import _registry, register_model
+    from timm.models.efficientnet import _gen_mobilenet_v2
+
+    @register_model
+    def deprune_test_late_mnv2(pretrained=False, **kwargs):
+        return _gen_mobilenet_v2("mobilenetv2_050", 0.5, pretrained=pretrained, **kwargs)
+
+    try:
+        assert getattr(_registry._model_entrypoints["deprune_test_late_mnv2"], "_deprune_wrapped", False)
+        model = timm.create_model("deprune_test_late_mnv2", num_classes=10)
+        model.pretrained_cfg = dict(model.pretrained_cfg, architecture="deprune_test_late_mnv2")
+        pruned = prune(model, DepruneConfig.deprune_bh(dw_ratio=0.5, pw_ratio=0.3), input_size=(3, 32, 32)).model
+        folder = save_pretrained(pruned, tmp_path / "late")
+        loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+        x = torch.randn(1, 3, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), pruned.eval()(x))
+    finally:
+        for table in (_registry._model_entrypoints, _registry._model_to_module, _registry._model_pretrained_cfgs):
+            table.pop("deprune_test_late_mnv2", None)
+        for names in _registry._module_to_models.values():
+            names.discard("deprune_test_late_mnv2")

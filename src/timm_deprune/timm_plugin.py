@@ -219,6 +219,18 @@ def install() -> None:
     registry, builder, _, _ = _internals()
     if not getattr(builder.adapt_model_from_file, "_deprune_hook", False):
         builder.adapt_model_from_file = _adapt(builder.adapt_model_from_file)
-    for arch, fn in list(registry._model_entrypoints.items()):
-        registry._model_entrypoints[arch] = _wrap_entrypoint(arch, fn)
+    if not isinstance(registry._model_entrypoints, _WrappingEntrypoints):
+        # timm's registry functions read this module global at call time: architectures registered after this
+        # import (a user's @register_model) are wrapped as they are stored, the existing ones now
+        registry._model_entrypoints = _WrappingEntrypoints(registry._model_entrypoints)
     register_tags()
+
+
+class _WrappingEntrypoints(dict):
+    """timm's architecture -> entrypoint dict, storing every entrypoint wrapped for DEPrune builds."""
+
+    def __init__(self, entries) -> None:
+        super().__init__((arch, _wrap_entrypoint(arch, fn)) for arch, fn in dict(entries).items())
+
+    def __setitem__(self, arch, fn) -> None:
+        super().__setitem__(arch, _wrap_entrypoint(arch, fn))
