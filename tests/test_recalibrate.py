@@ -179,3 +179,22 @@ def test_accelerate_two_processes_agree_with_what_rank0_saves(tmp_path):
         assert torch.equal(s0[k], saved[k]), k
     loaded = timm.create_model(f"local-dir:{tmp_path / 'model'}", pretrained=True)
     assert {p for p, _ in __import__("timm_deprune").masked_convs(loaded)} == set(m0)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_the_distillation_loss_is_the_hand_computed_kl(gen, alpha):
+    """One step's loss against KL(teacher || student) * T^2 written out from softmaxes (no F.kl_div)."""
+    dense, res = _pruned(gen)
+    x, y = _data(gen, n=8).tensors
+    temp = 3.0
+    student, teacher = copy.deepcopy(res.model).train(), copy.deepcopy(dense).eval()
+    with torch.no_grad():
+        s, t = student(x).double(), teacher(x).double()
+    p_t = torch.softmax(t / temp, 1)
+    kl = (p_t * (p_t.log() - torch.log_softmax(s / temp, 1))).sum(1).mean() * temp * temp
+    ce = -torch.log_softmax(s, 1)[torch.arange(len(y)), y].mean()
+    expected = (1 - alpha) * ce + alpha * kl
+    out = recalibrate(res.model, DataLoader(TensorDataset(x, y), batch_size=8),
+                      RecalibrateConfig(max_steps=1, kd_alpha=alpha, kd_temperature=temp, progress=False),
+                      teacher=dense)
+    assert out.losses == pytest.approx([float(expected)], rel=1e-4)
