@@ -32,8 +32,7 @@ _CHECKED_PLANS: dict = {}
 def _pair(value: Union[int, Sequence[int]], name: str, allowed: tuple[int, ...]) -> tuple[int, int]:
     if isinstance(value, int) and not isinstance(value, bool):
         pair = (value, value)
-    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value):
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and _ints(value):
         pair = (int(value[0]), int(value[1]))
     else:
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
@@ -79,7 +78,7 @@ def resolve_padding(
             "padding must be an int, (pad_h, pad_w), (left, right, top, bottom), 'same' or 'valid', got"
             f" {padding!r}"
         )
-    limits = (dilation[0] * (kh - 1),) * 2 + (dilation[1] * (kw - 1),) * 2
+    limits = _padding_limits(kh, kw, dilation)
     for p, limit in zip(pads, limits):
         if p < 0 or p > limit:
             raise ValueError(
@@ -87,6 +86,11 @@ def resolve_padding(
                 f" [0, {limits[2]}] (dilation * (kernel - 1)) for kernel {kh}x{kw}, dilation {dilation}"
             )
     return pads
+
+
+def _padding_limits(kh: int, kw: int, dilation: Sequence[int]) -> tuple[int, int, int, int]:
+    """Largest (top, bottom, left, right) padding the kernels accept: ``dilation * (kernel - 1)``."""
+    return (dilation[0] * (kh - 1),) * 2 + (dilation[1] * (kw - 1),) * 2
 
 
 def _ints(values) -> bool:
@@ -152,7 +156,7 @@ def _check_op_args(x: torch.Tensor, plan_tensors: Sequence[torch.Tensor], bias: 
     dilation2 = _pair(list(dilation), "dilation", (1, 2))
     if len(padding) != 4 or not _ints(padding):
         raise ValueError(f"padding must be 4 ints (top, bottom, left, right), got {list(padding)}")
-    limits = (dilation2[0] * (kh - 1),) * 2 + (dilation2[1] * (kw - 1),) * 2
+    limits = _padding_limits(kh, kw, dilation2)
     if any(p < 0 or p > lim for p, lim in zip(padding, limits)):
         raise ValueError(f"padding (top, bottom, left, right)={list(padding)} out of range: each must be in [0,"
                          f" dilation * (kernel - 1)] = {list(limits)}")
