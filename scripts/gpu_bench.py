@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from timm_deprune import build_plan, sparse_dwconv2d
-from timm_deprune._masks import balanced_magnitude_mask
-from timm_deprune.ops import output_size, resolve_padding
+from timm_deprune.pruning.select import balanced_magnitude_mask
+from timm_deprune.kernels.geometry import output_size, resolve_padding
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 LAYOUTS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}

@@ -20,6 +20,7 @@ import timm_deprune
 from conftest import assert_one_line_error
 from conftest import run_cli as run
 from timm_deprune import cli
+from timm_deprune.cli import commands as cli_commands
 from timm_deprune.hub import MASKS_FILE, WEIGHTS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ def pruned(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cli") / "mnv2.deprune"
     apis: list[FakeApi] = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cli, "_make_api", lambda token: apis.append(FakeApi(token)) or apis[-1])
+        mp.setattr(cli_commands, "_make_api", lambda token: apis.append(FakeApi(token)) or apis[-1])
         code, out, err = run("prune", MODEL, "--random-init", *SMALL, "--output", str(folder),
                              "--push-to-hub", "org/mnv2-deprune", "--private", "--token", "tok")
     assert code == 0, err
@@ -197,13 +198,6 @@ def test_non_empty_output_needs_overwrite(tmp_path):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
-def test_data_dir_without_recalibration_says_so(tmp_path, monkeypatch):
-    monkeypatch.delattr(timm_deprune, "recalibrate", raising=False)
-    code, _, err = run("prune", MODEL, "--random-init", "--output", str(tmp_path / "o"), "--data-dir", str(tmp_path))
-    assert_one_line_error(code, err, "recalibration", "not available")
-
-
-@pytest.mark.skipif(not hasattr(timm_deprune, "recalibrate"), reason="this version has no recalibration API")
 # timm's ImageDataset hands PIL an open file and leaves closing it to the garbage collector
 @pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning")
 def test_recalibration_runs_and_records_accuracy(tmp_path):
@@ -257,7 +251,7 @@ def test_info_on_a_missing_folder_is_one_line(tmp_path):
 def test_push_uploads_the_folder_once(pruned, monkeypatch):
     folder = pruned[0]
     apis: list[FakeApi] = []
-    monkeypatch.setattr(cli, "_make_api", lambda token: apis.append(FakeApi(token)) or apis[-1])
+    monkeypatch.setattr(cli_commands, "_make_api", lambda token: apis.append(FakeApi(token)) or apis[-1])
     code, out, err = run("push", str(folder), "org/other")
     assert code == 0, err
     (api,) = apis
@@ -269,7 +263,7 @@ def test_push_uploads_the_folder_once(pruned, monkeypatch):
 
 
 def test_push_refuses_a_folder_that_is_not_a_model(tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "_make_api", lambda token: pytest.fail("must not reach the Hub"))
+    monkeypatch.setattr(cli_commands, "_make_api", lambda token: pytest.fail("must not reach the Hub"))
     code, _, err = run("push", str(tmp_path), "org/x")
     assert_one_line_error(code, err, "missing", "config.json")
 

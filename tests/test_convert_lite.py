@@ -14,7 +14,7 @@ import torch
 
 import timm
 import timm.data
-from timm_deprune._lite0 import (LITE0_ARCHS, convert_lite0_state_dict, load_lite0, load_lite0_source,
+from timm_deprune.hub.lite0 import (LITE0_ARCHS, convert_lite0_state_dict, load_lite0, load_lite0_source,
                                  reference_forward)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "convert_efficientnet_lite.py"

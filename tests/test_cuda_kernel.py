@@ -18,9 +18,10 @@ from hypothesis import strategies as st
 
 from conftest import assert_matches_reference, reference_dwconv
 from timm_deprune import sparse_dwconv2d
-from timm_deprune._backend import load_extension
-from timm_deprune.ops import ACTIVATIONS, output_size, resolve_padding
-from timm_deprune.sparse_plan import GROUP_SIZE, build_plan
+from timm_deprune.kernels.backend import load_extension
+from timm_deprune.kernels.activations import ACTIVATIONS
+from timm_deprune.kernels.geometry import output_size, resolve_padding
+from timm_deprune.kernels.plan import GROUP_SIZE, build_plan
 
 _C = load_extension()
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from timm_deprune import DepruneConfig
 from timm_deprune.config import resolve_ratios
-from timm_deprune.dw import aligned_count, select_dw_taps
+from timm_deprune.pruning.select import aligned_count, select_dw_taps
 
 
 def _threshold_holds(scores: torch.Tensor, mask: torch.Tensor) -> bool:

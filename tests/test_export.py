@@ -25,7 +25,7 @@ import timm_deprune  # noqa: E402
 from conftest import assert_one_line_error, randomize_bn  # noqa: E402
 from conftest import run_cli as run  # noqa: E402
 from timm_deprune import DepruneConfig, export_onnx, masked_convs, ort_session  # noqa: E402
-from timm_deprune.export import CHECK_RTOL, export_checked  # noqa: E402
+from timm_deprune.inference.export import CHECK_RTOL, export_checked  # noqa: E402
 
 SIZE = (3, 96, 96)
 MODELS = ["efficientnet_b0", "mobilenetv3_small_050"]  # SiLU + SE; ReLU / hardswish + hard-sigmoid SE

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from timm_deprune import DepruneConfig, build_plan, prune, save_pretrained, sparse_dwconv2d
-from timm_deprune._backend import backend_available
+from timm_deprune.kernels.backend import backend_available
 
 needs_backend = pytest.mark.skipif(not backend_available(), reason="native backend not built")
 

@@ -34,7 +34,7 @@ import timm
 import timm_deprune
 from conftest import randomize_bn
 from timm_deprune import DepruneConfig, masked_convs, prune, push_to_hub, save_pretrained
-from timm_deprune import hub, timm_plugin
+from timm_deprune.hub import io as hub, timm_plugin
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 TESTS = Path(__file__).resolve().parent
@@ -298,7 +298,8 @@ def test_environment_set_before_import_offline_cache_and_tag_org(saved, tmp_path
         import timm, timm_deprune
         import huggingface_hub.constants as constants
         from test_hub import FakeHfApi, assert_same, assert_same_masks, batch, outputs
-        from timm_deprune import push_to_hub, timm_plugin
+        from timm_deprune import push_to_hub
+        from timm_deprune.hub import timm_plugin
 
         assert constants.HF_HUB_OFFLINE and constants.HF_HUB_CACHE == os.environ["HF_HUB_CACHE"]
         org = os.environ["TIMM_DEPRUNE_HUB_ORG"]
@@ -345,7 +346,7 @@ def test_tag_with_weights_loads_from_the_org_repo(tag_model, hub_cache, test_org
 
 
 def test_tag_without_weights_builds_the_pruned_structure(tag_model):
-    from timm_deprune.prune import depthwise_convs
+    from timm_deprune.pruning.prune import depthwise_convs
 
     dense = timm.create_model("mobilenetv2_100")
     assert not list(masked_convs(dense)) and not hasattr(dense, "deprune_plan")  # untagged: timm's own model

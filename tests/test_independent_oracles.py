@@ -9,8 +9,8 @@ import torch.nn.functional as F
 import timm
 from timm.layers import pad_same
 from timm_deprune import DepruneConfig, build_plan, prune, sparse_dwconv2d
-from timm_deprune._backend import backend_available
-from timm_deprune.dw import aligned_count
+from timm_deprune.kernels.backend import backend_available
+from timm_deprune.pruning.select import aligned_count
 
 needs_backend = pytest.mark.skipif(not backend_available(), reason="native backend not built")
 

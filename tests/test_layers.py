@@ -15,13 +15,14 @@ from timm.layers import BatchNormAct2d, Conv2dSame, StdConv2d, conv2d_same
 from timm.models import reparameterize_model
 from torch import nn
 
+import timm_deprune.kernels.op as kernel_op
 import timm_deprune.layers as layers
 from conftest import assert_matches_reference
-from timm_deprune._backend import load_extension
+from timm_deprune.inference.fold import fold_batchnorm
+from timm_deprune.kernels.backend import load_extension
 from timm_deprune.layers import (
     MaskedConv2d,
     MaskedConv2dSame,
-    fold_batchnorm,
     masked_convs,
     set_execution,
     to_masked,
@@ -591,6 +592,7 @@ def test_masked_convs_and_set_execution(gen):
 # ------------------------------------------------------------------------------------------- backend unavailable
 def test_missing_backend_warns_once_and_falls_back(monkeypatch, gen, sparse_calls):
     monkeypatch.setattr(layers, "backend_available", lambda: False)
+    monkeypatch.setattr(kernel_op, "backend_available", lambda: False)  # the kernels' "can the op run this?"
     monkeypatch.setattr(layers, "_warned_no_backend", False)
     m, mask = masked_layer(gen)
     other, other_mask = masked_layer(gen, same=True)

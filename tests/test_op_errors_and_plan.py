@@ -144,7 +144,7 @@ def _lanes_reference(mask: torch.Tensor, block: int = 8) -> int:
 
 @pytest.mark.parametrize("channels,k", [(1, 3), (13, 3), (64, 3), (100, 5), (40, 7)])
 def test_block_channel_order_is_a_permutation_that_shrinks_block_unions(channels, k, gen):
-    from timm_deprune.sparse_plan import block_channel_order, block_lanes
+    from timm_deprune.kernels.plan import block_channel_order, block_lanes
 
     mask = torch.rand(channels, k, k, generator=gen) < 0.3
     order = block_channel_order(mask)
@@ -156,7 +156,7 @@ def test_block_channel_order_is_a_permutation_that_shrinks_block_unions(channels
 
 
 def test_block_channel_order_groups_identical_patterns_and_respects_splits(gen):
-    from timm_deprune.sparse_plan import block_channel_order, block_lanes
+    from timm_deprune.kernels.plan import block_channel_order, block_lanes
 
     patterns = torch.rand(4, 3, 3, generator=gen) < 0.4
     patterns[:, 1, 1] = True  # four distinct non-empty patterns

@@ -73,17 +73,17 @@ def test_fused_activation_is_kept_by_every_path(gen):
 
 @pytest.mark.parametrize("act", ["relu", "relu6", "silu", "hardswish", "gelu"])
 def test_conv_activation_fusion_matches_every_path(act, gen):
-    from timm_deprune.optimize import ConvAct2d, _ACT_FNS
+    from timm_deprune.inference.modules import ConvAct2d
     conv = torch.nn.Conv2d(16, 24, 3, padding=1, bias=True).eval()
     x = torch.randn(2, 16, 9, 9, generator=gen) * 3
     with torch.no_grad():
-        ref = _ACT_FNS[act](conv(x))
+        ref = getattr(torch.nn.functional, act)(conv(x))  # an independent reference: torch by name
         conv.__class__ = ConvAct2d
         conv.post_act = act
         for inp in (x, x.contiguous(memory_format=torch.channels_last), x[:1], x):  # reordered weight per shape
             torch.testing.assert_close(conv(inp), ref[:len(inp)], rtol=1e-5, atol=1e-5)
         conv.weight.mul_(2)  # an in-place change invalidates the reordered weight
-        ref2 = _ACT_FNS[act](torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1))
+        ref2 = getattr(torch.nn.functional, act)(torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1))
         torch.testing.assert_close(conv(x), ref2, rtol=1e-5, atol=1e-5)
         copy.deepcopy(conv)  # no oneDNN tensor on the module
         conv.train()  # the unfused path
@@ -122,8 +122,8 @@ def test_channels_last_and_reordering_auto(gen):
 
 @pytest.mark.parametrize("name", ["efficientnet_b0", "mixnet_s", "mobilenetv4_conv_small"])
 def test_reorder_dw_channels_keeps_outputs_and_shrinks_block_unions(name, gen):
-    from timm_deprune.optimize import reorder_dw_channels
-    from timm_deprune.sparse_plan import block_lanes
+    from timm_deprune.inference.reorder import reorder_dw_channels
+    from timm_deprune.kernels.plan import block_lanes
 
     torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
     res = prune(timm.create_model(name), DepruneConfig.deprune_b(dw_ratio=0.71), input_size=(3, 64, 64))
@@ -152,7 +152,7 @@ def test_reorder_dw_channels_keeps_outputs_and_shrinks_block_unions(name, gen):
 def test_squeeze_excite_gates_in_place_only_inside_blocks_that_consume_its_input(gen):
     from timm.models._efficientnet_blocks import SqueezeExcite
 
-    from timm_deprune.optimize import fast_squeeze_excite
+    from timm_deprune.inference.modules import fast_squeeze_excite
 
     torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
     model = timm.create_model("efficientnet_b0").eval()

@@ -7,7 +7,8 @@ import torch
 
 from conftest import randomize_bn
 from timm_deprune import DepruneConfig, PrunePlan, UnsupportedModelError, apply_plan, prune, set_execution
-from timm_deprune.pw import find_channel_groups, fold_dead_channels, prune_channels
+from timm_deprune.pruning.groups import find_channel_groups
+from timm_deprune.pruning.surgery import fold_dead_channels, prune_channels
 
 # One representative per family (timm module) with depth-wise convs; the README lists the same families.
 FAMILIES = [

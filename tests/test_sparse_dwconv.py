@@ -9,10 +9,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import assert_matches_reference, random_mask, reference_dwconv
-from timm_deprune._masks import balanced_magnitude_mask
+from timm_deprune.pruning.select import balanced_magnitude_mask
 from timm_deprune import build_plan, sparse_dwconv2d
-from timm_deprune._backend import load_extension
-from timm_deprune.ops import ACTIVATIONS, _launch, output_size, resolve_padding
+from timm_deprune.kernels.backend import load_extension
+from timm_deprune.kernels.activations import ACTIVATIONS
+from timm_deprune.kernels.geometry import output_size, resolve_padding
+from timm_deprune.kernels.launch import launch as _launch
 
 _C = load_extension()
 ISAS = [isa for isa in ("generic", "avx2", "avx512") if _C.cpu_isa_supported(isa)]

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from timm_deprune._masks import balanced_magnitude_mask
+from timm_deprune.pruning.select import balanced_magnitude_mask
 from timm_deprune import build_plan, sparse_dwconv2d
-from timm_deprune.ops import ACTIVATIONS
+from timm_deprune.kernels.activations import ACTIVATIONS
 
 
 class SparseDW(torch.nn.Module):

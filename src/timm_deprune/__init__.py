@@ -1,27 +1,22 @@
-"""timm-deprune: DEPrune pruning of depth-wise separable convolutions for timm, run on sparse kernels."""
-from importlib import metadata as _metadata
+"""timm-deprune: DEPrune pruning of depth-wise separable convolutions for timm, run on sparse kernels.
 
-from ._backend import backend_available
+The package, in data-flow order (ARCHITECTURE.md §4): :mod:`.kernels` (the native sparse kernels' Python side),
+:mod:`.layers` (masked depth-wise convs), :mod:`.pruning` (the pruning engine), :mod:`.recalibrate` (fine-tuning),
+:mod:`.inference` (optimisation and ONNX export), :mod:`.hub` (folders, the Hub, timm's hooks), :mod:`.cli`.
+"""
+from ._version import __version__
 from .config import DepruneConfig
-from .export import export_onnx, ort_session
 from .hub import from_pretrained, push_to_hub, save_pretrained
-from .layers import MaskedConv2d, MaskedConv2dSame, fold_batchnorm, masked_convs, set_execution, to_masked
-from .ops import sparse_dwconv2d
-from .optimize import optimize_for_inference
-from .plan import PrunePlan, apply_plan
-from .prune import PruneResult, UnsupportedModelError, prune
+from .inference import export_onnx, optimize_for_inference, ort_session
+from .inference.fold import fold_batchnorm
+from .kernels import SparseDWPlan, backend_available, build_plan, sparse_dwconv2d
+from .layers import MaskedConv2d, MaskedConv2dSame, masked_convs, set_execution, to_masked
+from .pruning import PrunePlan, PruneReport, PruneResult, UnsupportedModelError, apply_plan, prune
 from .recalibrate import RecalibrateConfig, create_loaders, evaluate, recalibrate, recalibrate_bn
-from .report import PruneReport
-from .sparse_plan import SparseDWPlan, build_plan
 
-from . import timm_plugin as _timm_plugin
+from .hub import timm_plugin as _timm_plugin
 
 _timm_plugin.install()  # ARCH.deprune tags and the hf-hub: / local-dir: loaders
-
-try:
-    __version__ = _metadata.version("timm-deprune")  # one version source: pyproject.toml
-except _metadata.PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
 
 __all__ = [
     "prune", "DepruneConfig", "PruneResult", "PrunePlan", "PruneReport", "apply_plan", "UnsupportedModelError",

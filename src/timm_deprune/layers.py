@@ -22,15 +22,17 @@ Example:
 from __future__ import annotations
 
 import warnings
-from typing import Iterator, NamedTuple, Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 from torch import nn
 from timm.layers import Conv2dSame, conv2d_same, register_notrace_module
 
-from ._backend import backend_available, load_extension
-from .ops import sparse_dwconv2d
-from .sparse_plan import MAX_KERNEL, SparseDWPlan, build_plan
+from .kernels.activations import ACTIVATION_TABLE
+from .kernels.backend import backend_available, load_extension
+from .kernels.geometry import geometry_problem
+from .kernels.op import NO_BACKEND, backend_problem, input_problem, sparse_dwconv2d
+from .kernels.plan import PlanState, SparseDWPlan, build_plan, source_key
 
 __all__ = [
     "EXECUTION_MODES",
@@ -38,43 +40,13 @@ __all__ = [
     "MaskedConv2dSame",
     "to_masked",
     "set_execution",
-    "fold_batchnorm",
     "masked_convs",
 ]
 
 EXECUTION_MODES = ("auto", "sparse", "dense")
-_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _warned_no_backend = False  # "auto" warns once per process when the native backend is missing
-_cuda_compiled: Optional[bool] = None  # whether timm_deprune._C has CUDA kernels (constant per process)
 
-_NO_BACKEND = "the native backend timm_deprune._C is not available"
-# The sparse kernel's fused epilogues (ops.ACTIVATIONS) and their dense equivalents; gelu is the exact erf form.
-_ACT_FNS = {"identity": lambda y: y, "relu": torch.relu, "relu6": nn.functional.relu6, "silu": nn.functional.silu,
-            "hardswish": nn.functional.hardswish, "gelu": nn.functional.gelu}
-_ACT_MODULES = {"identity": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU,
-                "hardswish": nn.Hardswish, "gelu": nn.GELU}
-
-
-class _PlanState(NamedTuple):
-    """What an eval forward needs from the cache, replaced as one object (never field by field)."""
-
-    plan: SparseDWPlan
-    bias: Optional[torch.Tensor]  # fp32 contiguous bias the kernel reads (may share storage with the parameter)
-    src: tuple  # (weight, mask, bias) the plan was built from
-    key: tuple  # their _state_key when it was built
-
-
-def _has_cuda_kernels() -> bool:
-    global _cuda_compiled
-    if _cuda_compiled is None:
-        _cuda_compiled = bool(load_extension().cuda_compiled())
-    return _cuda_compiled
-
-
-def _version(t: torch.Tensor) -> int:
-    """The in-place version counter; -1 for inference tensors, which have none."""
-    return -1 if t.is_inference() else t._version
 
 
 def _warn_no_backend() -> None:
@@ -132,18 +104,6 @@ def _check_depthwise(conv: nn.Conv2d) -> None:
             "expected a depth-wise conv (groups == in_channels == out_channels), got groups="
             f"{conv.groups}, in_channels={conv.in_channels}, out_channels={conv.out_channels}"
         )
-
-
-def _state_key(w: torch.Tensor, m: torch.Tensor, b: Optional[torch.Tensor]) -> tuple:
-    """What a kernel plan depends on: version counters and data pointers of weight, mask and bias.
-
-    A new data pointer also covers moves and casts (the new tensor is allocated while the old one still lives).
-    """
-    try:
-        return w._version, w.data_ptr(), m._version, m.data_ptr(), None if b is None else (b._version, b.data_ptr())
-    except RuntimeError:  # inference tensors have no version counter
-        return (_version(w), w.data_ptr(), _version(m), m.data_ptr(),
-                None if b is None else (_version(b), b.data_ptr()))
 
 
 class MaskedConv2d(nn.Conv2d):
@@ -217,14 +177,14 @@ class MaskedConv2d(nn.Conv2d):
 
     @activation.setter
     def activation(self, name: str) -> None:
-        if name not in _ACT_FNS:
-            raise ValueError(f"activation must be one of {sorted(_ACT_FNS)}, got {name!r}")
+        if name not in ACTIVATION_TABLE:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATION_TABLE)}, got {name!r}")
         self._activation = name
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         y = self._dense_forward(x, self.masked_weight())
         act = self.activation
-        return y if act == "identity" else _ACT_FNS[act](y)
+        return y if act == "identity" else ACTIVATION_TABLE[act].fn(y)
 
     @property
     def keep_ratio(self) -> float:
@@ -261,9 +221,9 @@ class MaskedConv2d(nn.Conv2d):
     # --------------------------------------------------------------------------------------------------- the plan
     def invalidate_plan(self) -> None:
         """Drop the cached kernel plan; the next sparse call rebuilds it."""
-        self._plan_state: Optional[_PlanState] = None
+        self._plan_state: Optional[PlanState] = None
 
-    def _current_state(self) -> Optional["_PlanState"]:
+    def _current_state(self) -> Optional["PlanState"]:
         """The cached plan state when it still matches the weight, mask and bias, else None (one read: threads
         that rebuild it concurrently each replace the whole state, never a part of it)."""
         state = self._plan_state
@@ -271,7 +231,7 @@ class MaskedConv2d(nn.Conv2d):
             return None
         w, m, b = self.weight, self.mask, self.bias
         src = state.src
-        if src[0] is w and src[1] is m and src[2] is b and state.key == _state_key(w, m, b):
+        if src[0] is w and src[1] is m and src[2] is b and state.key == source_key(w, m, b):
             return state
         return None
 
@@ -286,14 +246,14 @@ class MaskedConv2d(nn.Conv2d):
         """
         return self._plan_state_now().plan
 
-    def _plan_state_now(self) -> "_PlanState":
+    def _plan_state_now(self) -> "PlanState":
         state = self._current_state()
         if state is not None:
             return state
         w, m, b = self.weight, self.mask, self.bias
         if not backend_available():
-            raise RuntimeError(f"cannot build a sparse kernel plan: {_NO_BACKEND}")
-        if w.device.type == "cuda" and not _has_cuda_kernels():
+            raise RuntimeError(f"cannot build a sparse kernel plan: {NO_BACKEND}")
+        if w.device.type == "cuda" and not load_extension().cuda_compiled():
             raise RuntimeError("cannot build a sparse kernel plan for a CUDA weight: timm_deprune._C was built"
                                " without CUDA kernels")
         with torch.no_grad():
@@ -304,7 +264,7 @@ class MaskedConv2d(nn.Conv2d):
                 bias = b.detach()  # shares storage: the kernel reads the current values
             else:
                 bias = b.detach().float().contiguous()
-        state = _PlanState(plan, bias, (w, m, b), _state_key(w, m, b))
+        state = PlanState(plan, bias, (w, m, b), source_key(w, m, b))
         self._plan_state = state  # one assignment: a concurrent reader sees the old state or the new one
         return state
 
@@ -327,73 +287,40 @@ class MaskedConv2d(nn.Conv2d):
         return self.padding
 
     def _static_blocker(self) -> Optional[str]:
-        """Why the sparse kernel cannot run this conv's configuration, or None (cached per configuration)."""
+        """Why the sparse kernel cannot run this conv's geometry, or None (the kernels' rule, cached per geometry)."""
         config = (self.kernel_size, self.stride, self.dilation, self.padding, self.padding_mode)
         cached = self.__dict__.get("_static")
         if cached is not None and cached[0] == config:
             return cached[1]
-        kh, kw = self.kernel_size
-        reason = None
-        if not (kh <= MAX_KERNEL and kw <= MAX_KERNEL):
-            reason = f"kernel {kh}x{kw} is larger than the sparse kernel's maximum {MAX_KERNEL}x{MAX_KERNEL}"
-        elif any(s not in (1, 2) for s in self.stride):
-            reason = f"stride {tuple(self.stride)} is not 1 or 2 in each dimension"
-        elif any(d not in (1, 2) for d in self.dilation):
-            reason = f"dilation {tuple(self.dilation)} is not 1 or 2 in each dimension"
-        elif self.padding_mode != "zeros":
-            reason = f"padding_mode {self.padding_mode!r} is not 'zeros'"
-        else:
-            padding = self._sparse_padding()
-            if not isinstance(padding, str):
-                limits = (self.dilation[0] * (kh - 1), self.dilation[1] * (kw - 1))
-                if any(p < 0 or p > lim for p, lim in zip(padding, limits)):
-                    reason = f"padding {tuple(padding)} is outside [0, dilation * (kernel - 1)] = {limits}"
+        reason = geometry_problem(self.kernel_size, self.stride, self.dilation, self._sparse_padding(),
+                                  self.padding_mode)
         self._static = (config, reason)
         return reason
 
-    def _input_blocker(self, x: torch.Tensor) -> Optional[str]:
-        """Why the sparse kernel cannot run on ``x`` now (backend aside), or None; eval mode assumed."""
+    def _sparse_blocker(self, x: torch.Tensor, backend: bool = True) -> Optional[str]:
+        """Why the sparse kernel cannot run on ``x`` now, or None when it can (eval mode assumed).
+
+        The kernels say what they accept (:func:`~timm_deprune.kernels.geometry.geometry_problem`,
+        :func:`~timm_deprune.kernels.op.input_problem`); the layer adds what only it knows: gradients, autocast
+        and its weight's dtype. ``backend=False`` (while tracing) skips loading the extension.
+        """
         w, b = self.weight, self.bias
         if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
             return ("a gradient is required and the sparse kernel is inference-only: run under torch.no_grad() /"
                     " torch.inference_mode()")
-        reason = self._static_blocker()
+        reason = self._static_blocker() or input_problem(x, w.shape[0], w.device)
         if reason is not None:
             return reason
-        if x.dim() != 4 or x.shape[1] != w.shape[0] or x.numel() == 0:
-            return f"expected a non-empty [N, {w.shape[0]}, H, W] input, got shape {list(x.shape)}"
-        device = x.device
-        if device != w.device:
-            return f"the input is on {device} but the weight is on {w.device}"
-        kind, dtype = device.type, x.dtype
-        if kind == "cpu":
-            if dtype != torch.float32:
-                return f"on the CPU the sparse kernel needs float32 input, got {dtype}"
-        elif kind == "cuda":
-            if dtype not in _CUDA_DTYPES:
-                return f"on CUDA the sparse kernel needs float32, float16 or bfloat16 input, got {dtype}"
-        else:
-            return f"no sparse kernel for device {device} (cpu and cuda only)"
+        kind, dtype = x.device.type, x.dtype
         if torch.is_autocast_enabled(kind):
             expected = torch.get_autocast_dtype(kind)
             if dtype != expected:
                 return f"under autocast to {expected} the input must be {expected}, got {dtype}"
         elif dtype != w.dtype:
             return f"the input dtype {dtype} differs from the weight dtype {w.dtype}"
-        return None
+        return backend_problem(x.device) if backend else None
 
-    def _sparse_blocker(self, x: torch.Tensor) -> Optional[str]:
-        """Why the sparse kernel cannot run on ``x`` now, or None when it can (eval mode assumed)."""
-        reason = self._input_blocker(x)
-        if reason is not None:
-            return reason
-        if not backend_available():
-            return _NO_BACKEND
-        if x.device.type == "cuda" and not _has_cuda_kernels():
-            return "timm_deprune._C was built without CUDA kernels"
-        return None
-
-    def _sparse_forward(self, x: torch.Tensor, state: "_PlanState") -> torch.Tensor:
+    def _sparse_forward(self, x: torch.Tensor, state: "PlanState") -> torch.Tensor:
         return sparse_dwconv2d(x, state.plan, state.bias, self.activation, self.stride, self._sparse_padding(),
                                self.dilation)
 
@@ -409,7 +336,7 @@ class MaskedConv2d(nn.Conv2d):
         if self._execution == "sparse":
             raise RuntimeError(f"execution='sparse' cannot run the sparse kernel: {reason}. Use execution='auto'"
                                " (falls back to the masked dense conv) or 'dense'")
-        if reason is _NO_BACKEND:
+        if reason is NO_BACKEND:
             _warn_no_backend()
         return self._dense(x)
 
@@ -417,7 +344,7 @@ class MaskedConv2d(nn.Conv2d):
         # Traced by torch.compile: no version counters, data pointers or backend probing here. A cached plan
         # (built by an eager call or sparse_plan(), which check the backend) is used as it is.
         state = self._plan_state
-        if state is not None and state.plan.device == x.device and self._input_blocker(x) is None:
+        if state is not None and state.plan.device == x.device and self._sparse_blocker(x, backend=False) is None:
             return self._sparse_forward(x, state)
         if self._execution == "sparse":
             raise RuntimeError(
@@ -459,7 +386,7 @@ class MaskedConv2d(nn.Conv2d):
                 conv.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
         conv.train(self.training)
         if self.activation != "identity":  # the fused activation comes back as its own module
-            return nn.Sequential(conv, _ACT_MODULES[self.activation]()).train(self.training)
+            return nn.Sequential(conv, ACTIVATION_TABLE[self.activation].module()).train(self.training)
         return conv
 
 
@@ -561,51 +488,3 @@ def masked_convs(model: nn.Module) -> Iterator[tuple[str, MaskedConv2d]]:
     for name, module in model.named_modules():
         if isinstance(module, MaskedConv2d):
             yield name, module
-
-
-def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
-    """Fold an eval-mode BatchNorm into the conv before it, in place: ``conv'(x) == bn(conv(x))`` in eval mode.
-
-    Uses ``bn``'s running statistics (and affine parameters when present), computed in float64 and rounded once to
-    the conv's dtype. The weight is scaled per output channel in place (same ``nn.Parameter``); the bias is updated,
-    or created as a new ``nn.Parameter`` when the conv had none. For a :class:`MaskedConv2d` the mask is kept and
-    pruned taps stay exactly zero. For timm's ``BatchNormAct2d`` only the normalization is folded: the caller keeps
-    its activation (and drop) and removes or replaces ``bn``.
-
-    Args:
-        conv: any ``nn.Conv2d`` (masked or not).
-        bn: ``nn.BatchNorm2d`` or subclass with running statistics, ``num_features == conv.out_channels``.
-
-    Raises:
-        TypeError: ``conv`` or ``bn`` has the wrong type.
-        ValueError: channel counts differ or ``bn`` has no running statistics.
-    """
-    if not isinstance(conv, nn.Conv2d):
-        raise TypeError(f"conv must be an nn.Conv2d, got {_type_name(conv)}")
-    if not isinstance(bn, nn.BatchNorm2d):
-        raise TypeError(f"bn must be an nn.BatchNorm2d (or subclass such as BatchNormAct2d), got {_type_name(bn)}")
-    if bn.num_features != conv.out_channels:
-        raise ValueError(
-            f"bn has {bn.num_features} features but the conv has {conv.out_channels} output channels; they must match"
-        )
-    if bn.running_mean is None or bn.running_var is None:
-        raise ValueError("bn has no running statistics (track_running_stats=False): nothing to fold in eval mode")
-    weight = conv.weight
-    with torch.no_grad():
-        scale = torch.rsqrt(bn.running_var.to(device=weight.device, dtype=torch.float64) + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight.to(device=weight.device, dtype=torch.float64)
-        shift = -bn.running_mean.to(device=weight.device, dtype=torch.float64) * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias.to(device=weight.device, dtype=torch.float64)
-        if conv.bias is not None:
-            shift = shift + conv.bias.to(torch.float64) * scale
-        new_weight = weight.to(torch.float64) * scale.view(-1, *([1] * (weight.dim() - 1)))
-        weight.copy_(new_weight)
-        if conv.bias is None:
-            conv.bias = nn.Parameter(shift.to(weight.dtype), requires_grad=weight.requires_grad)
-        else:
-            conv.bias.copy_(shift)
-    if isinstance(conv, MaskedConv2d):
-        conv._zero_pruned()  # scale can be inf/nan for a degenerate BN: keep pruned taps exactly zero
-        conv.invalidate_plan()

@@ -11,12 +11,13 @@ from torch import nn
 
 from timm.layers import Conv2dSame, MixedConv2d
 
-from .config import DepruneConfig, resolve_ratios
-from .dw import select_dw_taps
+from ..config import DepruneConfig, resolve_ratios
+from ..data import model_input_size
+from .groups import find_channel_groups, group_splits, is_depthwise
+from .importance import dw_scores, filter_scores, following_bn_scales
 from .plan import DWLayerPlan, PrunePlan, PWLayerPlan, apply_pw
-from .pw import (bn_scale, filter_scores, find_channel_groups, group_splits, is_depthwise,
-                 kept_pw_count, select_pw_channels)
 from .report import LayerReport, PruneReport, count_macs
+from .select import kept_pw_count, select_dw_taps, select_pw_channels
 
 __all__ = ["prune", "PruneResult", "UnsupportedModelError", "depthwise_convs", "SUPPORTED_CONV_TYPES"]
 
@@ -62,64 +63,6 @@ def _check_supported(model: nn.Module, dws: Sequence[tuple[str, nn.Module]]) -> 
 _REPARAM_METHODS = ("reparameterize", "switch_to_deploy", "fuse")
 
 
-def _dw_scores(model: nn.Module, path: str, conv: nn.Conv2d, importance, bn_of: dict[str, torch.Tensor]) -> torch.Tensor:
-    if callable(importance):
-        scores = importance("dw", path, conv)
-        shape = (conv.out_channels, *conv.kernel_size)
-        if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != shape:
-            raise ValueError(f"importance callable must return a {list(shape)} tensor for depth-wise layer {path!r},"
-                             f" got {getattr(scores, 'shape', type(scores))}")
-        scores = scores.detach().float().cpu()
-        if not bool(torch.isfinite(scores).all()):
-            raise ValueError(f"importance of depth-wise layer {path!r} contains NaN or inf")
-        return scores
-    w = conv.weight.detach().float().cpu()[:, 0]
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError(f"depth-wise layer {path!r} has NaN or inf weights: cannot rank its taps")
-    scores = w.abs() if importance == "l1" else w.square()
-    if importance == "bn_scaled":
-        scale = bn_of.get(path)
-        if scale is None:
-            raise ValueError(f"importance 'bn_scaled' needs a BatchNorm after depth-wise layer {path!r}; none found")
-        scores = w.abs() * scale[:, None, None]
-    return scores
-
-
-def _following_bn_scales(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``|gamma| / sqrt(var + eps)`` of the BatchNorm that directly follows each depth-wise conv, per channel.
-
-    The sub-convs of a MixedConv2d share the BN after it: each gets its slice.
-    """
-    out: dict[str, torch.Tensor] = {}
-    pending: list[tuple[str, int, int]] = []  # (path, first channel, channels) awaiting their BN
-    inside_mixed = ""
-    for path, m in model.named_modules():
-        if isinstance(m, MixedConv2d) and all(is_depthwise(c) for c in m.values()):
-            start, pending, inside_mixed = 0, [], path + "."
-            for name, c in m.items():
-                pending.append((f"{path}.{name}", start, c.out_channels))
-                start += c.out_channels
-        elif is_depthwise(m):
-            if not (inside_mixed and path.startswith(inside_mixed)):
-                pending, inside_mixed = [(path, 0, m.out_channels)], ""
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and pending:
-            if m.num_features == sum(n for _, _, n in pending):
-                scale = bn_scale(m)
-                out.update({p: scale[s:s + n] for p, s, n in pending})
-            pending, inside_mixed = [], ""
-        elif isinstance(m, (nn.Conv2d, nn.Linear)):
-            pending, inside_mixed = [], ""
-    return out
-
-
-def _input_size(model: nn.Module, input_size: Optional[Sequence[int]]) -> tuple[int, int, int]:
-    if input_size is not None:
-        return tuple(int(v) for v in input_size)
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = cfg.get("input_size") if isinstance(cfg, dict) else None
-    return tuple(size) if size else (3, 224, 224)
-
-
 def _params(model: nn.Module) -> int:
     total = sum(p.numel() for p in model.parameters())
     for m in model.modules():
@@ -141,14 +84,14 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
         model: a timm model (or any module with depth-wise convs); copied unless ``inplace``.
         config: ratios and method.
         inplace: prune ``model`` itself.
-        input_size: ``(C, H, W)`` for the FLOPs report; default the model's ``pretrained_cfg`` input size.
+        input_size: ``(C, H, W)`` for the FLOPs report; default the model's own (timm's data config).
 
     Example:
         >>> import timm
         >>> res = prune(timm.create_model("efficientnet_b0"), DepruneConfig.deprune_bh(dw_ratio=0.71, pw_ratio=0.3))
         >>> print(res.report.summary())  # doctest: +SKIP
     """
-    from .layers import to_masked
+    from ..layers import to_masked
 
     if not isinstance(config, DepruneConfig):
         raise TypeError(f"config must be a DepruneConfig, got {type(config).__name__}")
@@ -160,7 +103,7 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
         raise ValueError("model is already pruned (it has masked depth-wise convs); prune the dense model")
     if not inplace:
         model = copy.deepcopy(model)
-    size = _input_size(model, input_size)
+    size = model_input_size(model, input_size)
     before = count_macs(model, size)
     params_before = _params(model)
     dense_channels = {p: m.out_channels for p, m in dws}
@@ -190,7 +133,7 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
                if type(m) not in SUPPORTED_CONV_TYPES]
     dws = [(p, m) for p, m in dws if type(m) in SUPPORTED_CONV_TYPES]
     dw_ratios = resolve_ratios(config.dw_ratio, [p for p, _ in dws], "dw_ratio")
-    bn_of = _following_bn_scales(model) if config.importance == "bn_scaled" else {}
+    bn_of = following_bn_scales(model) if config.importance == "bn_scaled" else {}
     group_of_dw = {g.dw: g for g in groups if g.dw is not None}
     select = lambda scores, ratio: select_dw_taps(  # noqa: E731
         scores, ratio, balance=config.balance, align=config.align, tile=config.tile, group=config.group,
@@ -204,7 +147,7 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
         if ratio <= 0.0:
             continue
         t0 = time.perf_counter()
-        sel = select(_dw_scores(model, path, conv, config.importance, bn_of), ratio)
+        sel = select(dw_scores(path, conv, config.importance, bn_of), ratio)
         decide += time.perf_counter() - t0
         dead = sel.dead_channels
         removed = 0
@@ -218,10 +161,10 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
             removed = len(dead)
             conv = model.get_submodule(path)
             if bn_of:  # channels moved: the BN scales must follow
-                bn_of = _following_bn_scales(model)
+                bn_of = following_bn_scales(model)
             ratio2 = max((ratio * channels - removed) / (channels - removed), 0.0)
             t0 = time.perf_counter()
-            sel = select(_dw_scores(model, path, conv, config.importance, bn_of), ratio2)
+            sel = select(dw_scores(path, conv, config.importance, bn_of), ratio2)
             decide += time.perf_counter() - t0
         dead_removed += removed
         dead_kept += len(sel.dead_channels)

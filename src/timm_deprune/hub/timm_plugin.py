@@ -47,7 +47,7 @@ def default_config():
     Dead-channel removal is off so the pruned *structure* depends only on the architecture (``pretrained=False``
     builds the same shapes as the published weights).
     """
-    from .config import DepruneConfig
+    from ..config import DepruneConfig
 
     return DepruneConfig.deprune_bh(dw_ratio=0.71, pw_ratio=0.3, remove_dead=False)
 
@@ -168,9 +168,9 @@ def _adapt(original):
 
 def _build(model: nn.Module, pending: _Pending) -> nn.Module:
     """Turn the freshly built dense model into the DEPrune variant, before timm loads any weights."""
-    from .hub import MASKS_FILE, WEIGHTS_FILE, check_masks, check_weights, hub_file, hub_plan, load_masks
-    from .plan import PrunePlan, apply_plan
-    from .prune import prune
+    from .io import MASKS_FILE, WEIGHTS_FILE, check_masks, check_weights, hub_file, hub_plan, load_masks
+    from ..pruning.plan import PrunePlan, apply_plan
+    from ..pruning.prune import prune
 
     cfg = getattr(model, "pretrained_cfg", None) or {}
     source = cfg.get("source")

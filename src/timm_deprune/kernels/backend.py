@@ -10,7 +10,7 @@ __all__ = ["load_extension", "backend_available"]
 @functools.lru_cache(maxsize=None)
 def _load() -> tuple[ModuleType | None, str]:
     try:
-        from . import _C  # noqa: PLC0415
+        from .. import _C  # noqa: PLC0415
     except ImportError as exc:  # a broken or missing build: report it once, where it is needed
         return None, f"{type(exc).__name__}: {exc}"
     return _C, ""

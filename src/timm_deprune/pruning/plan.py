@@ -12,7 +12,8 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from .pw import ChannelGroup, find_channel_groups, fold_dead_channels, is_depthwise, prune_channels
+from .groups import ChannelGroup, find_channel_groups, is_depthwise
+from .surgery import fold_dead_channels, prune_channels
 
 __all__ = ["PLAN_FORMAT_VERSION", "DWLayerPlan", "PWLayerPlan", "PrunePlan", "apply_plan"]
 
@@ -159,7 +160,7 @@ def apply_plan(model: nn.Module, plan: PrunePlan, masks: Optional[Mapping[str, t
     ``masks`` maps DW module paths to ``[C, kh, kw]`` masks (bool or uint8); without them every tap is kept
     (the pruned *structure*, for loading a pruned state dict and masks afterwards).
     """
-    from .layers import to_masked
+    from ..layers import to_masked
 
     groups = _groups_by_producer(model)
     for layer in plan.pw:

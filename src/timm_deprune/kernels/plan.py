@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 __all__ = ["SparseDWPlan", "build_plan", "block_channel_order", "block_lanes", "check_plan_tensors", "CHANNEL_BLOCK",
-           "GROUP_SIZE", "MAX_KERNEL"]
+           "GROUP_SIZE", "MAX_KERNEL", "PlanState", "source_key"]
 
 GROUP_SIZE = 32  # channels per diagonal-wise sub-GEMM (ARCHITECTURE.md §1); CUDA thread blocks follow it
 CHANNEL_BLOCK = 8  # channels per SIMD vector in the channels_last CPU kernel (deprune::kChannelBlock)
@@ -310,3 +310,30 @@ def _greedy_blocks(flat: torch.Tensor, block: int) -> torch.Tensor:
             order.append(pick)
             union |= flat[pick]
     return torch.tensor(order, dtype=torch.long)
+
+
+class PlanState(NamedTuple):
+    """A plan and what it was built from: what a layer's eval forward needs from its cache, replaced as one object
+    (never field by field), valid while :func:`source_key` of its sources is unchanged."""
+
+    plan: SparseDWPlan
+    bias: Optional[torch.Tensor]  # fp32 contiguous bias the kernel reads (may share storage with the parameter)
+    src: tuple  # (weight, mask, bias) the plan was built from
+    key: tuple  # their source_key when it was built
+
+
+def _version(t: torch.Tensor) -> int:
+    """The in-place version counter; -1 for inference tensors, which have none."""
+    return -1 if t.is_inference() else t._version
+
+
+def source_key(w: torch.Tensor, m: torch.Tensor, b: Optional[torch.Tensor]) -> tuple:
+    """What a kernel plan depends on: version counters and data pointers of weight, mask and bias.
+
+    A new data pointer also covers moves and casts (the new tensor is allocated while the old one still lives).
+    """
+    try:
+        return w._version, w.data_ptr(), m._version, m.data_ptr(), None if b is None else (b._version, b.data_ptr())
+    except RuntimeError:  # inference tensors have no version counter
+        return (_version(w), w.data_ptr(), _version(m), m.data_ptr(),
+                None if b is None else (_version(b), b.data_ptr()))

@@ -1,18 +1,23 @@
-"""DCP / BWT / HSR: which taps of a depth-wise conv to prune (ARCHITECTURE.md §1).
+"""Selection: which depth-wise taps (DCP / BWT / HSR) and which point-wise filters to keep (ARCHITECTURE.md §1).
 
 One function, :func:`select_dw_taps`, decides a layer's tap mask from per-tap scores. Alignment (HSR) is part of
 the selection: each group's pruned count is chosen aligned to the tile before ranking, so no second pass exists.
+Every per-group ranking goes through one helper (``_prune_lowest``), also for :func:`balanced_magnitude_mask`.
+:func:`kept_pw_count` and :func:`select_pw_channels` do the same for a block's point-wise filters.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
-from .config import ALIGN_MODES
+from ..config import ALIGN_MODES
+from ..kernels.plan import GROUP_SIZE
 
-__all__ = ["DWSelection", "select_dw_taps", "aligned_count"]
+__all__ = ["DWSelection", "select_dw_taps", "aligned_count", "balanced_magnitude_mask", "kept_pw_count",
+           "select_pw_channels"]
 
 
 @dataclass(frozen=True)
@@ -162,3 +167,71 @@ def _selection(mask: torch.Tensor, ratio: float, bounds, k: int, aligned: bool, 
     achieved = sum(group_pruned) / float(mask.numel())
     return DWSelection(mask=mask.to(torch.bool).cpu(), target_ratio=float(ratio), achieved_ratio=achieved,
                        group_ratios=group_ratios, group_pruned=group_pruned, aligned=aligned, direction=align)
+
+
+def balanced_magnitude_mask(weight: torch.Tensor, keep: float, group: int = GROUP_SIZE) -> torch.Tensor:
+    """Tap mask ``[C, kh, kw]`` keeping, in every ``group``-channel group, the same number of largest-|w| taps.
+
+    BWT at a fixed keep ratio without tiles or ``min_keep`` (benchmarks and kernel tests use it): each group keeps
+    ``round(keep * group_channels * kh * kw)`` taps (a trailing partial group proportionally).
+
+    Example:
+        >>> m = balanced_magnitude_mask(torch.randn(64, 1, 3, 3), 0.29)
+        >>> int(m[:32].sum()) == int(m[32:].sum()) == round(0.29 * 288)
+        True
+    """
+    if not 0.0 <= keep <= 1.0:
+        raise ValueError(f"keep must be in [0, 1], got {keep}")
+    c, _, kh, kw = weight.shape
+    mags = weight.detach().abs().reshape(c, kh * kw).to(torch.float64)
+    mask = torch.ones(c, kh * kw, dtype=torch.bool, device=weight.device)
+    for g0 in range(0, c, group):
+        block = mags[g0:g0 + group].reshape(1, -1)
+        pruned = block.shape[1] - int(round(keep * block.shape[1]))
+        mask[g0:g0 + group] = _prune_lowest(block, torch.tensor([pruned], device=weight.device)).reshape(-1, kh * kw)
+    return mask.reshape(c, kh, kw)
+
+
+def kept_pw_count(channels: int, ratio: float, tile: int, min_keep: int) -> int:
+    """Channels a point-wise layer keeps: ``channels * (1 - ratio)`` rounded to a multiple of ``tile``.
+
+    Example:
+        >>> kept_pw_count(144, 0.3, 32, 1), kept_pw_count(32, 0.3, 32, 1), kept_pw_count(96, 0.0, 32, 1)
+        (96, 32, 96)
+    """
+    if ratio <= 0.0:
+        return channels
+    keep = int(round(channels * (1.0 - ratio) / tile)) * tile
+    keep = max(keep, tile, min_keep)
+    return min(keep, channels)
+
+
+def select_pw_channels(scores: torch.Tensor, keep: int, splits: Sequence[Sequence[int]] = ()) -> torch.Tensor:
+    """Sorted indices of the ``keep`` highest-scored channels (ties by position).
+
+    ``splits`` are channel partitions (MixedConv2d) that must each keep at least one channel: the lowest kept
+    channel outside a starved split is traded for that split's best channel.
+    """
+    order = torch.sort(-scores.detach().double(), stable=True).indices
+    kept = set(order[:keep].tolist())
+    ranked = order.tolist()
+    for split in splits:
+        start = 0
+        for size in split:
+            part = range(start, start + size)
+            if size and not any(i in kept for i in part):
+                best = max(part, key=lambda i: (scores[i].item(), -i))
+                victim = next(i for i in reversed(ranked) if i in kept and _split_size_kept(kept, split, i) > 1)
+                kept.discard(victim)
+                kept.add(best)
+            start += size
+    return torch.tensor(sorted(kept), dtype=torch.long)
+
+
+def _split_size_kept(kept: set, split: Sequence[int], index: int) -> int:
+    start = 0
+    for size in split:
+        if start <= index < start + size:
+            return sum(1 for i in range(start, start + size) if i in kept)
+        start += size
+    return 0

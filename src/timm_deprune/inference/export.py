@@ -20,8 +20,9 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .layers import MaskedConv2d, masked_convs
-from .optimize import fold_all_batchnorms
+from ..data import model_input_size
+from ..layers import MaskedConv2d, masked_convs
+from .fold import fold_all_batchnorms
 
 __all__ = ["export_onnx", "export_checked", "ort_session", "onnx_opset", "CHECK_RTOL", "MIN_OPSET"]
 
@@ -74,16 +75,6 @@ def _positive_int(value, name: str, expected: str) -> int:
     return value
 
 
-def _input_size(model: nn.Module, input_size: Optional[Sequence[int]]) -> tuple[int, int, int]:
-    if input_size is None:
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        input_size = cfg.get("input_size") or (3, 224, 224)
-    size = tuple(input_size)
-    if len(size) != 3 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size):
-        raise ValueError(f"input_size must be three positive ints (C, H, W) without the batch, got {input_size!r}")
-    return size
-
-
 def _outputs(out) -> list[torch.Tensor]:
     outs = [out] if isinstance(out, torch.Tensor) else list(out) if isinstance(out, (tuple, list)) else None
     if outs is None or not all(isinstance(o, torch.Tensor) for o in outs):
@@ -121,7 +112,7 @@ def export_checked(model: nn.Module, path: Union[str, Path], *, input_size: Opti
     batch_size = _positive_int(batch_size, "batch_size", "an int >= 1")
     if next(model.parameters(), None) is None:
         raise ValueError(f"model {type(model).__name__} has no parameters: expected a (pruned) timm model")
-    size = _input_size(model, input_size)
+    size = model_input_size(model, input_size)
     target = Path(path).expanduser().absolute()
     if target.is_dir():
         raise IsADirectoryError(f"{target} is a folder; give the .onnx file to write, e.g. {target / 'model.onnx'}")

@@ -5,7 +5,7 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from .plan import PrunePlan
+from ..pruning.plan import PrunePlan
 
 __all__ = ["model_card", "method_name", "config_summary"]
 

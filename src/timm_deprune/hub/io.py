@@ -17,8 +17,8 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from .layers import masked_convs
-from .plan import PrunePlan
+from ..layers import masked_convs
+from ..pruning.plan import PrunePlan
 
 __all__ = ["save_pretrained", "push_to_hub", "from_pretrained", "save_masks", "load_masks", "MASKS_FILE",
            "WEIGHTS_FILE", "SAVED_FILES", "model_plan", "check_masks", "check_weights", "hub_file", "hub_plan",
@@ -225,7 +225,7 @@ def push_to_hub(model: nn.Module, repo_id: str, *, private: bool = False, token:
         if api is None:
             from huggingface_hub import HfApi
 
-            from . import __version__
+            from .._version import __version__
 
             api = HfApi(token=token, library_name="timm-deprune", library_version=__version__)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

@@ -14,8 +14,10 @@ from typing import Optional
 import timm
 import torch
 
-__all__ = ["CliError", "unknown_model", "load_dense", "load_checkpoint", "network_cause", "why_offline",
+__all__ = ["PROG", "CliError", "unknown_model", "load_dense", "load_checkpoint", "network_cause", "why_offline",
            "load_source", "resolve_folder"]
+
+PROG = "timm-deprune"
 
 
 class CliError(Exception):
