@@ -1,5 +1,5 @@
 // Python bindings of the torch-free kernels: tensors cross as raw data pointers (integers) plus sizes.
-// All shape/dtype validation happens in timm_deprune/ops.py; these entry points re-check what could crash.
+// All shape/dtype validation happens in timm_deprune/kernels/ (launch.py, op.py); these entry points re-check what could crash.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>

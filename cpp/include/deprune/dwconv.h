@@ -12,7 +12,7 @@
 
 namespace deprune {
 
-// Epilogue activations; the integer values are part of the Python <-> C++ contract (ops.py ACTIVATIONS).
+// Epilogue activations; the integer values are part of the Python <-> C++ contract (kernels/activations.py).
 enum class Activation : int32_t { Identity = 0, ReLU = 1, ReLU6 = 2, SiLU = 3, HardSwish = 4, GELU = 5 };
 constexpr int32_t kNumActivations = 6;
 

@@ -256,7 +256,7 @@ def block_channel_order(mask: torch.Tensor, block: int = CHANNEL_BLOCK, splits=(
     The channels_last kernel runs each block of ``block`` consecutive channels on the union of their kept taps
     (one SIMD vector per tap), so per-channel ("element", DCP) patterns in their natural order cost nearly the
     dense kernel: at 29% kept, 8 random 3x3 patterns cover 94% of the taps. Reordering is free inside a block of
-    a network, where the channels are internal (see :func:`timm_deprune.optimize.reorder_dw_channels`).
+    a network, where the channels are internal (see :func:`timm_deprune.inference.reorder.reorder_dw_channels`).
 
     Greedy: each block starts from the remaining channel with the fewest kept taps and adds, one at a time, the
     channel that grows the block's union least (ties: the most taps inside the union). ``O(C^2 kh kw / block)``.
