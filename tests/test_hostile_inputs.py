@@ -209,12 +209,28 @@ def test_saved_files_follow_the_umask(pruned, tmp_path):
         assert p.stat().st_mode & 0o777 == 0o644, p
 
 
-def test_a_save_killed_at_any_point_leaves_a_loadable_model(pruned, tmp_path):
-    """SIGKILL a save after each rename into the folder: the folder keeps every file, the user's file survives,
-    and after the last rename the new model loads."""
+def _new_model():
+    """What the killed saves below write: built the same way in the subprocess."""
+    import timm
+
+    torch.manual_seed(0)
+    return prune(timm.create_model("mobilenetv2_050", num_classes=10),
+                 DepruneConfig.deprune_bh(dw_ratio=0.5, pw_ratio=0.3), input_size=(3, 32, 32)).model
+
+
+def test_a_save_killed_at_any_point_leaves_the_old_model_the_new_one_or_a_clear_refusal(pruned, tmp_path):
+    """SIGKILL a save after each rename into the folder: the folder keeps every file and the user's file survives;
+    loading it gives the old model or the new one, or (files of two saves side by side) a ValueError saying so,
+    never a silent mix; after the last rename the new model loads."""
+    import timm
+
     target = tmp_path / "out"
     save_pretrained(pruned, target)
     (target / "mine.txt").write_text("keep")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        old_out, new_out = pruned.eval()(x), _new_model().eval()(x)
+    assert not torch.allclose(old_out, new_out), "the two saves must differ, or a mix could not be seen"
     script = textwrap.dedent(f"""
         import os, signal, sys, torch, timm, timm_deprune
         from timm_deprune import DepruneConfig, prune, save_pretrained
@@ -230,17 +246,47 @@ def test_a_save_killed_at_any_point_leaves_a_loadable_model(pruned, tmp_path):
         os.replace = replace
         save_pretrained(model, {str(target)!r}, overwrite=True)
     """)
+    outcomes = []
     for stop in range(1, len(SAVED) + 1):
+        save_pretrained(pruned, target, overwrite=True)  # back to the old model before each kill
         res = subprocess.run([sys.executable, "-c", script, str(stop)], capture_output=True, text=True, timeout=300)
         assert res.returncode == -9, res.stderr[-2000:]
         names = {p.name for p in target.iterdir()}
         assert SAVED | {"mine.txt"} <= names, names
         assert (target / "mine.txt").read_text() == "keep"
-    import timm
-
-    timm.create_model(f"local-dir:{target}", pretrained=True)
+        try:
+            loaded = timm.create_model(f"local-dir:{target}", pretrained=True).eval()
+        except ValueError as e:
+            assert "was not written by the save that wrote its config.json" in str(e), e
+            outcomes.append("refused")
+            continue
+        with torch.no_grad():
+            out = loaded(x)
+        same_old, same_new = torch.allclose(out, old_out, atol=1e-6), torch.allclose(out, new_out, atol=1e-6)
+        assert same_old or same_new, f"kill after rename {stop}: the folder loads a mix of two saves"
+        outcomes.append("old" if same_old else "new")
+    assert outcomes[-1] == "new" and "refused" in outcomes, outcomes  # config.json is renamed last
     save_pretrained(pruned, target, overwrite=True)  # the killed saves' temp folders are cleaned up
     assert {p.name for p in target.iterdir()} == SAVED | {"mine.txt"}
+
+
+def test_files_of_another_save_are_refused_and_folders_without_digests_still_load(pruned, tmp_path):
+    import json
+    import shutil
+
+    import timm
+
+    a, b = save_pretrained(pruned, tmp_path / "a"), save_pretrained(_new_model(), tmp_path / "b")
+    shutil.copy(b / "model.safetensors", a / "model.safetensors")  # same shapes, another save's values
+    with pytest.raises(ValueError, match="model.safetensors was not written by the save"):
+        timm.create_model(f"local-dir:{a}", pretrained=True)
+    shutil.copy(b / "deprune_masks.safetensors", a / "deprune_masks.safetensors")
+    shutil.copy(b / "config.json", a / "config.json")  # now all of b: loads
+    timm.create_model(f"local-dir:{a}", pretrained=True)
+    config = json.loads((b / "config.json").read_text())
+    assert set(config["model_args"]["deprune"].pop("files")) == {"model.safetensors", "deprune_masks.safetensors"}
+    (b / "config.json").write_text(json.dumps(config))  # a folder saved before digests were recorded
+    timm.create_model(f"local-dir:{b}", pretrained=True)
 
 
 # ------------------------------------------------------------------------------------------------ smaller cases

@@ -16,6 +16,7 @@ import torch
 
 import timm_deprune
 from ..config import ALIGN_MODES, IMPORTANCE_NAMES, DepruneConfig
+from ..data import model_input_size
 from ..hub.io import MASKS_FILE, SAVED_FILES, from_pretrained, load_masks, read_config, save_pretrained
 from ..hub.model_card import config_summary, method_name
 from .sources import (PROG, CliError, load_dense, load_source, network_cause, resolve_folder, unknown_model,
@@ -216,9 +217,8 @@ def _recalibrate(model: torch.nn.Module, dense: torch.nn.Module, args: argparse.
 
 def _input_size(model: torch.nn.Module, args: argparse.Namespace) -> tuple[int, int, int]:
     if args.input_size is not None:
-        return tuple(args.input_size)
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    c, h, w = cfg.get("input_size") or (3, 224, 224)
+        return model_input_size(model, args.input_size)
+    c, h, w = model_input_size(model)
     return (args.in_chans or c, h, w)
 
 

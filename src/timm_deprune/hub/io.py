@@ -6,6 +6,7 @@ and ``README.md``. ``timm.create_model("local-dir:DIR")`` / ``("hf-hub:REPO")`` 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -21,7 +22,8 @@ from ..layers import masked_convs
 from ..pruning.plan import PrunePlan
 
 __all__ = ["save_pretrained", "push_to_hub", "from_pretrained", "save_masks", "load_masks", "MASKS_FILE",
-           "WEIGHTS_FILE", "SAVED_FILES", "model_plan", "check_masks", "check_weights", "hub_file", "hub_plan",
+           "WEIGHTS_FILE", "SAVED_FILES", "model_plan", "check_masks", "check_weights", "check_files", "file_digest",
+           "hub_file", "hub_plan",
            "read_config"]
 
 MASKS_FILE = "deprune_masks.safetensors"
@@ -136,6 +138,7 @@ def save_pretrained(model: nn.Module, save_directory: Union[str, Path], *, overw
         save_for_hf(model, str(tmp), model_args={"deprune": plan.to_dict()}, safe_serialization=True,
                     model_config={"pretrained_cfg": {"hf_hub_filename": WEIGHTS_FILE}})
         save_masks(masks, tmp / MASKS_FILE)
+        _record_files(tmp)
         (tmp / "README.md").write_text(model_card(model, plan, dict(card or {})))
         written = sorted(p.name for p in tmp.iterdir())
         unexpected = sorted(set(written) - set(SAVED_FILES))
@@ -154,6 +157,40 @@ def save_pretrained(model: nn.Module, save_directory: Union[str, Path], *, overw
             target.rmdir()
         raise
     return target
+
+
+def file_digest(path: Union[str, Path]) -> str:
+    """SHA-256 of a file, hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _record_files(tmp: Path) -> None:
+    """Write the weights' and masks' digests into the plan in ``config.json``, the file a save renames last: a
+    folder whose files come from two saves (a save killed between its renames) is then refused at load."""
+    path = tmp / "config.json"
+    config = json.loads(path.read_text())
+    config["model_args"]["deprune"]["files"] = {name: file_digest(tmp / name) for name in (WEIGHTS_FILE, MASKS_FILE)}
+    path.write_text(json.dumps(config, indent=2))
+
+
+def check_files(plan: Mapping[str, Any], paths: Mapping[str, Union[str, Path]], where: str,
+                cause: str = "") -> None:
+    """The files in ``paths`` (name -> path) must be the ones the plan's save wrote (``plan["files"]`` digests).
+
+    A folder from before digests were recorded has none and passes. Raises ``ValueError`` naming the file (and
+    ``cause``, what disagreed, when given).
+    """
+    recorded = plan.get("files") or {}
+    for name, path in paths.items():
+        digest = recorded.get(name)
+        if digest is not None and file_digest(path) != digest:
+            raise ValueError(f"{where}: {name} was not written by the save that wrote its config.json (a save"
+                             " interrupted between its file renames, or a file copied in by hand); save the model"
+                             " again with save_pretrained" + (f"; {cause}" if cause else ""))
 
 
 def _remove_stale_temps(folder: Path) -> None:

@@ -168,7 +168,7 @@ def _adapt(original):
 
 def _build(model: nn.Module, pending: _Pending) -> nn.Module:
     """Turn the freshly built dense model into the DEPrune variant, before timm loads any weights."""
-    from .io import MASKS_FILE, WEIGHTS_FILE, check_masks, check_weights, hub_file, hub_plan, load_masks
+    from .io import MASKS_FILE, WEIGHTS_FILE, check_files, check_masks, check_weights, hub_file, hub_plan, load_masks
     from ..pruning.plan import PrunePlan, apply_plan
     from ..pruning.prune import prune
 
@@ -176,7 +176,7 @@ def _build(model: nn.Module, pending: _Pending) -> nn.Module:
     source = cfg.get("source")
     if pending.plan is None and not pending.pretrained:
         # ARCH.deprune without weights: the tag's config on the random init gives the pruned structure.
-        result = prune(model, default_config(), inplace=True, input_size=cfg.get("input_size"))
+        result = prune(model, default_config(), inplace=True)  # the model's own input size
         for m in result.model.modules():
             if hasattr(m, "mask"):
                 # masks of a random init mean nothing: a checkpoint loaded next (checkpoint_path=) brings its own,
@@ -195,6 +195,7 @@ def _build(model: nn.Module, pending: _Pending) -> nn.Module:
         if pending.pretrained and not (folder / WEIGHTS_FILE).is_file():
             raise FileNotFoundError(f"{folder} has no {WEIGHTS_FILE}: DEPrune models load safetensors weights only")
         weights_file = folder / WEIGHTS_FILE if pending.pretrained else None
+        weights_name = WEIGHTS_FILE
     else:
         repo = cfg.get("hf_hub_id")
         if not repo:
@@ -208,7 +209,15 @@ def _build(model: nn.Module, pending: _Pending) -> nn.Module:
     if weights_file is not None:
         check_weights(weights_file)  # timm's own error for a truncated file names neither the file nor the model
     masks = load_masks(masks_file)
-    check_masks(plan, masks, where)
+    files = {MASKS_FILE: masks_file}
+    if weights_file is not None and weights_name == WEIGHTS_FILE:
+        files[WEIGHTS_FILE] = weights_file
+    try:
+        check_masks(plan, masks, where)
+    except ValueError as e:  # when the masks are another save's, say that first
+        check_files(plan_dict, files, where, cause=str(e))
+        raise
+    check_files(plan_dict, files, where)  # well-formed, but of another save than this config.json: refused
     apply_plan(model, plan, masks)
     model.deprune_plan = plan
     return model
