@@ -404,3 +404,41 @@ def test_architectures_registered_after_import_get_deprune_builds(tmp_path):
             table.pop("deprune_test_late_mnv2", None)
         for names in _registry._module_to_models.values():
             names.discard("deprune_test_late_mnv2")
+
+
+@pytest.mark.parametrize("options, says", [({"tile": 1000}, "tile=1000"), ({"min_keep": 10**6}, "min_keep=1000000")])
+def test_a_config_that_can_prune_nothing_says_so(options, says):
+    import timm
+
+    with pytest.warns(UserWarning, match=f"no depth-wise tap was pruned: with .*{says}"):
+        result = prune(timm.create_model("mobilenetv2_050", num_classes=10),
+                       DepruneConfig.deprune_bh(dw_ratio=0.5, **options), input_size=(3, 32, 32))
+    assert all(d.achieved_ratio == 0 for d in result.plan.dw)
+    with pytest.warns(UserWarning, match="no point-wise filter was pruned: with pw_tile=32 and min_keep=1000000"):
+        prune(timm.create_model("mobilenetv2_050", num_classes=10),
+              DepruneConfig.deprune_bh(dw_ratio=0.0, pw_ratio=0.3, min_keep=10**6), input_size=(3, 32, 32))
+
+
+@pytest.mark.parametrize("path, says", [("", "it is the whole model"),
+                                        ("conv_stem", r"it is Conv2d\(3, 16, kernel_size=\(3, 3\), groups=1\)")])
+def test_a_plan_naming_a_non_depthwise_layer_says_what_it_is_in_one_line(pruned, path, says):
+    import timm
+    from timm_deprune import PrunePlan, apply_plan
+
+    data = pruned.deprune_plan.to_dict()
+    data["dw"][0]["path"] = path
+    with pytest.raises(ValueError, match=f"layer '{path}' is not a depth-wise conv in this model: {says}") as info:
+        apply_plan(timm.create_model("mobilenetv2_050", num_classes=10), PrunePlan.from_dict(data))
+    assert "\n" not in str(info.value)
+
+
+def test_a_published_tag_offline_names_the_repo_and_the_file(monkeypatch, tmp_path):
+    import timm
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("TIMM_DEPRUNE_HUB_ORG", raising=False)
+    with pytest.raises(FileNotFoundError,
+                       match="cannot get config.json of Hub repo timm-deprune/mobilenetv2_100.deprune"):
+        timm.create_model("mobilenetv2_100.deprune", pretrained=True)

@@ -198,3 +198,22 @@ def test_the_distillation_loss_is_the_hand_computed_kl(gen, alpha):
                       RecalibrateConfig(max_steps=1, kd_alpha=alpha, kd_temperature=temp, progress=False),
                       teacher=dense)
     assert out.losses == pytest.approx([float(expected)], rel=1e-4)
+
+
+def test_recalibrate_bn_takes_input_tensors_or_pairs_and_names_a_bad_batch(gen):
+    import timm
+
+    from timm_deprune import recalibrate_bn
+
+    model = timm.create_model("mobilenetv2_050", num_classes=10)
+    x = torch.randn(4, 3, 32, 32, generator=gen)
+    bn = model.bn1
+    recalibrate_bn(model, [x], num_batches=1)
+    from_tensors = bn.running_mean.clone()
+    recalibrate_bn(model, [(x, torch.zeros(4, dtype=torch.long))], num_batches=1)
+    torch.testing.assert_close(bn.running_mean, from_tensors)  # labels change nothing
+    assert not torch.equal(from_tensors, torch.zeros_like(from_tensors))
+    with pytest.raises(TypeError, match="batch 0 must be an input tensor or an \\(input, target\\) pair, got str"):
+        recalibrate_bn(model, ["not a tensor"], num_batches=1)
+    with pytest.raises(ValueError, match="empty loader"):
+        recalibrate_bn(model, [], num_batches=1)

@@ -93,11 +93,23 @@ def _batches(loader: Iterable, device: torch.device):
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
+def batch_inputs(loader: Iterable, device: torch.device):
+    """The input tensor of every batch of ``loader``: batches are input tensors or ``(input, target, ...)``
+    sequences (a DataLoader of a labelled dataset); labels are ignored."""
+    for i, batch in enumerate(loader):
+        x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"batch {i} must be an input tensor or an (input, target) pair, got"
+                            f" {type(batch).__name__}" + (f" of {type(x).__name__}" if x is not batch else ""))
+        yield x.to(device, non_blocking=True)
+
+
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, loader: Iterable, num_batches: int = 50, progress: bool = False) -> nn.Module:
-    """Re-estimate every BatchNorm's running statistics on ``num_batches`` batches (no labels, no gradients).
+    """Re-estimate every BatchNorm's running statistics on ``num_batches`` batches (no gradients).
 
-    A cheap first step after pruning: the statistics of the pruned network's activations replace the dense ones.
+    ``loader`` yields input tensors or ``(input, target)`` pairs; labels are not needed and are ignored. A cheap
+    first step after pruning: the statistics of the pruned network's activations replace the dense ones.
     """
     from tqdm.auto import tqdm
 
@@ -111,7 +123,7 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, num_batches: int = 50, pr
     device = _device_of(model)
     try:
         seen = 0
-        for x, _ in tqdm(_batches(loader, device), total=num_batches, disable=not progress, desc="BN recalibration"):
+        for x in tqdm(batch_inputs(loader, device), total=num_batches, disable=not progress, desc="BN recalibration"):
             model(x)
             seen += 1
             if seen >= num_batches:

@@ -154,6 +154,14 @@ def apply_pw(model: nn.Module, group: ChannelGroup, layer: PWLayerPlan) -> None:
         prune_channels(model, group, alive.nonzero().flatten())
 
 
+def _describe(m: nn.Module) -> str:
+    """A module in one short line: its type and, for a conv, its channels, kernel and groups."""
+    if isinstance(m, nn.Conv2d):
+        return (f"{type(m).__name__}({m.in_channels}, {m.out_channels}, kernel_size={tuple(m.kernel_size)},"
+                f" groups={m.groups})")
+    return type(m).__name__
+
+
 def apply_plan(model: nn.Module, plan: PrunePlan, masks: Optional[Mapping[str, torch.Tensor]] = None) -> nn.Module:
     """Replay ``plan`` on a dense model in place: channel surgery, then masked depth-wise convs.
 
@@ -178,7 +186,8 @@ def apply_plan(model: nn.Module, plan: PrunePlan, masks: Optional[Mapping[str, t
         except AttributeError:
             raise ValueError(f"prune plan names depth-wise layer {layer.path!r}, which this model lacks") from None
         if not is_depthwise(conv):
-            raise ValueError(f"prune plan layer {layer.path!r} is not a depth-wise conv in this model: {conv}")
+            what = "the whole model" if not layer.path else _describe(conv)
+            raise ValueError(f"prune plan layer {layer.path!r} is not a depth-wise conv in this model: it is {what}")
         shape = (conv.out_channels, *conv.kernel_size)
         if shape != (layer.channels, *layer.kernel_size):
             raise ValueError(f"depth-wise layer {layer.path!r} has shape {shape} after surgery, the plan expects"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -190,6 +191,7 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
              "params_after": _params(model), "decide_seconds": decide}
     plan = PrunePlan(config=config.to_dict(), dw=tuple(dw_plans), pw=pw_plans, arch=arch, extra={"stats": stats})
     model.deprune_plan = plan  # save_pretrained / push_to_hub read it
+    _warn_if_nothing_pruned(config, dw_plans, dw_ratios, pw_kept, pw_dense, pw_ratios)
     rows = [_dw_row(d, dense_channels, before, after) for d in dw_plans]
     rows += [_pw_row(p, before, after) for p in pw_plans]
     report = PruneReport(
@@ -198,6 +200,19 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
         params_after=stats["params_after"], decide_seconds=decide,
         dead_channels_removed=dead_removed, dead_channels_kept=dead_kept, skipped=tuple(skipped))
     return PruneResult(model=model, plan=plan, masks=masks, report=report)
+
+
+def _warn_if_nothing_pruned(config: DepruneConfig, dw_plans, dw_ratios, pw_kept, pw_dense, pw_ratios) -> None:
+    """A config that asks for pruning but whose tiles or ``min_keep`` let no layer prune anything says so."""
+    if any(r > 0 for r in dw_ratios.values()) and all(d.achieved_ratio == 0 for d in dw_plans):
+        limit = f"tile={config.tile} taps per group (align={config.align!r})" if config.align != "none" else ""
+        limit = " and ".join(x for x in (limit, f"min_keep={config.min_keep}") if x)
+        warnings.warn(f"dw_ratio asks for pruning but no depth-wise tap was pruned: with {limit}, group={config.group}"
+                      " no layer can prune a whole step; lower tile or min_keep", UserWarning, stacklevel=3)
+    if any(r > 0 for r in pw_ratios.values()) and all(len(pw_kept[p]) == pw_dense[p] for p in pw_kept):
+        warnings.warn(f"pw_ratio asks for pruning but no point-wise filter was pruned: with pw_tile={config.pw_tile}"
+                      f" and min_keep={config.min_keep} every layer keeps all its channels; lower pw_tile or"
+                      " min_keep", UserWarning, stacklevel=3)
 
 
 def _dw_row(d: DWLayerPlan, dense_channels: dict, before: dict, after: dict) -> LayerReport:
