@@ -1,10 +1,12 @@
 // Python bindings of the torch-free kernels: tensors cross as raw data pointers (integers) plus sizes.
 // All shape/dtype validation happens in timm_deprune/kernels/ (launch.py, op.py); these entry points re-check what could crash.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "cpu/dwconv_cpu.h"
 #include "cpu/parallel.h"
@@ -22,14 +24,14 @@ T* ptr(std::uintptr_t p) {
 }
 
 DWConvShape make_shape(int64_t N, int64_t C, int64_t H, int64_t W, int64_t OH, int64_t OW, int32_t kh, int32_t kw,
-                       int32_t sh, int32_t sw, int32_t dh, int32_t dw, int32_t pt, int32_t pl) {
+                       int32_t sh, int32_t sw, int32_t dil_h, int32_t dil_w, int32_t pt, int32_t pl) {
   if (N < 1 || C < 1 || H < 1 || W < 1 || OH < 1 || OW < 1)
     throw std::invalid_argument("sizes must be >= 1, got N=" + std::to_string(N) + " C=" + std::to_string(C) +
                                 " H=" + std::to_string(H) + " W=" + std::to_string(W) + " OH=" +
                                 std::to_string(OH) + " OW=" + std::to_string(OW));
-  if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || dh < 1 || dw < 1 || pt < 0 || pl < 0)
+  if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || dil_h < 1 || dil_w < 1 || pt < 0 || pl < 0)
     throw std::invalid_argument("kernel/stride/dilation must be >= 1 and padding >= 0");
-  return DWConvShape{N, C, H, W, OH, OW, kh, kw, sh, sw, dh, dw, pt, pl};
+  return DWConvShape{N, C, H, W, OH, OW, kh, kw, sh, sw, dil_h, dil_w, pt, pl};
 }
 
 Activation make_act(int32_t a) {
@@ -44,26 +46,61 @@ Layout make_layout(int32_t l) {
   return static_cast<Layout>(l);
 }
 
+// One launch's geometry, epilogue and layout: built (and checked) once per input geometry in Python, then passed
+// by reference to every launch of it instead of ~16 positional ints.
+struct Launch {
+  DWConvShape shape;
+  Activation act;
+  Layout layout;
+};
+
+Launch make_launch(int64_t N, int64_t C, int64_t H, int64_t W, int64_t OH, int64_t OW, int32_t kh, int32_t kw,
+                   std::pair<int32_t, int32_t> stride, std::pair<int32_t, int32_t> dilation, int32_t pad_top,
+                   int32_t pad_left, int32_t activation, int32_t layout) {
+  return Launch{make_shape(N, C, H, W, OH, OW, kh, kw, stride.first, stride.second, dilation.first, dilation.second,
+                           pad_top, pad_left),
+                make_act(activation), make_layout(layout)};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "timm_deprune native kernels (torch-free): sparse depth-wise convolution on CPU and CUDA";
 
+  py::class_<Launch>(m, "Launch",
+                     "One launch's geometry (sizes, kernel, stride, dilation, top/left padding), epilogue and layout,"
+                     " checked when built.")
+      .def(py::init(&make_launch), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("OH"),
+           py::arg("OW"), py::arg("kh"), py::arg("kw"), py::arg("stride"), py::arg("dilation"), py::arg("pad_top"),
+           py::arg("pad_left"), py::arg("activation"), py::arg("layout"))
+      .def_property_readonly("shape", [](const Launch& l) {
+        const DWConvShape& s = l.shape;
+        return py::make_tuple(s.N, s.C, s.H, s.W, s.OH, s.OW);
+      })
+      .def("__repr__", [](const Launch& l) {
+        const DWConvShape& s = l.shape;
+        return "Launch(N=" + std::to_string(s.N) + ", C=" + std::to_string(s.C) + ", H=" + std::to_string(s.H) +
+               ", W=" + std::to_string(s.W) + ", OH=" + std::to_string(s.OH) + ", OW=" + std::to_string(s.OW) +
+               ", kernel=" + std::to_string(s.kh) + "x" + std::to_string(s.kw) + ", stride=(" +
+               std::to_string(s.stride_h) + ", " + std::to_string(s.stride_w) + "), dilation=(" +
+               std::to_string(s.dil_h) + ", " + std::to_string(s.dil_w) + "), pad_top=" + std::to_string(s.pad_top) +
+               ", pad_left=" + std::to_string(s.pad_left) + ", activation=" + std::to_string(int(l.act)) +
+               ", layout=" + std::to_string(int(l.layout)) + ")";
+      });
+
   m.def(
       "dwconv2d_cpu",
       [](std::uintptr_t x, std::uintptr_t y, std::uintptr_t offsets, std::uintptr_t taps, std::uintptr_t weights,
          std::uintptr_t block_offsets, std::uintptr_t block_taps, std::uintptr_t block_weights, std::uintptr_t bias,
-         int64_t N, int64_t C, int64_t H, int64_t W, int64_t OH, int64_t OW, int32_t kh, int32_t kw, int32_t sh,
-         int32_t sw, int32_t dh, int32_t dw, int32_t pt, int32_t pl, int32_t act, int32_t layout,
-         int32_t num_threads) {
+         const Launch& launch, int32_t num_threads) {
         cpu::DWConvArgs a{};
-        a.shape = make_shape(N, C, H, W, OH, OW, kh, kw, sh, sw, dh, dw, pt, pl);
+        a.shape = launch.shape;
         a.taps = SparseTaps{ptr<const int32_t>(offsets), ptr<const int32_t>(taps), ptr<const float>(weights)};
         a.block = BlockTaps{ptr<const int32_t>(block_offsets), ptr<const int32_t>(block_taps),
                             ptr<const float>(block_weights)};
         a.bias = ptr<const float>(bias);
-        a.act = make_act(act);
-        a.layout = make_layout(layout);
+        a.act = launch.act;
+        a.layout = launch.layout;
         a.x = ptr<const float>(x);
         a.y = ptr<float>(y);
         if (!a.x || !a.y || !a.taps.offsets) throw std::invalid_argument("null data pointer");
@@ -72,34 +109,34 @@ PYBIND11_MODULE(_C, m) {
         py::gil_scoped_release release;
         cpu::sparse_dwconv2d(a, num_threads < 1 ? 1 : num_threads);
       },
+      py::arg("x"), py::arg("y"), py::arg("offsets"), py::arg("taps"), py::arg("weights"), py::arg("block_offsets"),
+      py::arg("block_taps"), py::arg("block_weights"), py::arg("bias"), py::arg("launch"), py::arg("num_threads"),
       "Sparse depth-wise conv on the CPU (fp32, NCHW or NHWC contiguous); pointers are data_ptr() integers.");
 
   m.def(
       "dwconv2d_cuda",
       [](std::uintptr_t x, std::uintptr_t y, std::uintptr_t offsets, std::uintptr_t taps, std::uintptr_t weights,
-         std::uintptr_t bias, int64_t N, int64_t C, int64_t H, int64_t W, int64_t OH, int64_t OW, int32_t kh,
-         int32_t kw, int32_t sh, int32_t sw, int32_t dh, int32_t dw, int32_t pt, int32_t pl, int32_t act,
-         int32_t dtype, int32_t layout, int32_t device, std::uintptr_t stream) {
-        DWConvShape s = make_shape(N, C, H, W, OH, OW, kh, kw, sh, sw, dh, dw, pt, pl);
+         std::uintptr_t bias, const Launch& launch, int32_t dtype, int32_t device, std::uintptr_t stream) {
         if (dtype < 0 || dtype > 2) throw std::invalid_argument("dtype code must be 0, 1 or 2");
         SparseTaps t{ptr<const int32_t>(offsets), ptr<const int32_t>(taps), ptr<const float>(weights)};
-        cuda::sparse_dwconv2d(s, t, ptr<const float>(bias), make_act(act), static_cast<DType>(dtype),
-                              make_layout(layout), ptr<const void>(x), ptr<void>(y), device, stream);
+        cuda::sparse_dwconv2d(launch.shape, t, ptr<const float>(bias), launch.act, static_cast<DType>(dtype),
+                              launch.layout, ptr<const void>(x), ptr<void>(y), device, stream);
       },
+      py::arg("x"), py::arg("y"), py::arg("offsets"), py::arg("taps"), py::arg("weights"), py::arg("bias"),
+      py::arg("launch"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
       "Sparse depth-wise conv on a CUDA device; pointers are device data_ptr() integers, stream a cudaStream_t.");
 
   m.def(
       "dwconv2d_cuda_emulate",
       [](std::uintptr_t x, std::uintptr_t y, std::uintptr_t offsets, std::uintptr_t taps, std::uintptr_t weights,
-         std::uintptr_t bias, int64_t N, int64_t C, int64_t H, int64_t W, int64_t OH, int64_t OW, int32_t kh,
-         int32_t kw, int32_t sh, int32_t sw, int32_t dh, int32_t dw, int32_t pt, int32_t pl, int32_t act,
-         int32_t layout) {
-        DWConvShape s = make_shape(N, C, H, W, OH, OW, kh, kw, sh, sw, dh, dw, pt, pl);
+         std::uintptr_t bias, const Launch& launch) {
         SparseTaps t{ptr<const int32_t>(offsets), ptr<const int32_t>(taps), ptr<const float>(weights)};
         py::gil_scoped_release release;
-        sparse_dwconv2d_emulate_cuda(s, t, ptr<const float>(bias), make_act(act), make_layout(layout),
+        sparse_dwconv2d_emulate_cuda(launch.shape, t, ptr<const float>(bias), launch.act, launch.layout,
                                      ptr<const float>(x), ptr<float>(y));
       },
+      py::arg("x"), py::arg("y"), py::arg("offsets"), py::arg("taps"), py::arg("weights"), py::arg("bias"),
+      py::arg("launch"),
       "Runs the CUDA kernel's per-thread body on the host, block by block (fp32, host pointers): tests its index math.");
 
   m.def("cuda_compiled", &cuda::compiled, "True when built with the CUDA kernels.");

@@ -223,11 +223,12 @@ def run_overhead(args: argparse.Namespace) -> None:
     op_args = (x, plan.offsets, plan.taps, plan.values, plan.block_offsets, plan.block_taps, plan.block_values, None,
                3, 3, [1, 1], pads, [1, 1], ACTIVATIONS["identity"])
     ext = load_extension()
+    launch = ext.Launch(N=1, C=c, H=7, W=7, OH=7, OW=7, kh=3, kw=3, stride=(1, 1), dilation=(1, 1), pad_top=1,
+                        pad_left=1, activation=0, layout=0)
     variants = {
         "raw _C call (no Python checks)": lambda: ext.dwconv2d_cpu(
             x.data_ptr(), y.data_ptr(), plan.offsets.data_ptr(), plan.taps.data_ptr(), plan.values.data_ptr(),
-            plan.block_offsets.data_ptr(), plan.block_taps.data_ptr(), plan.block_values.data_ptr(), 0,
-            1, c, 7, 7, 7, 7, 3, 3, 1, 1, 1, 1, 1, 1, 0, 0, 1),
+            plan.block_offsets.data_ptr(), plan.block_taps.data_ptr(), plan.block_values.data_ptr(), 0, launch, 1),
         "sparse_dwconv2d (eager path)": lambda: sparse_dwconv2d(x, plan, padding=1),
         "torch.ops.deprune.sparse_dwconv2d": lambda: torch.ops.deprune.sparse_dwconv2d(*op_args),
         "F.conv2d dense (reference)": lambda: F.conv2d(x, weight, None, 1, 1, 1, c),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -125,10 +126,12 @@ def run_emulation(case: Case, gen: torch.Generator, seed: int) -> None:
     fmt = torch.channels_last if case.channels_last else torch.contiguous_format
     x = x.contiguous(memory_format=fmt)
     y = torch.empty(ref.shape, dtype=torch.float32, memory_format=fmt).fill_(float("nan"))
+    launch = _C.Launch(N=case.N, C=case.C, H=case.H, W=case.W, OH=oh, OW=ow, kh=kh, kw=kw, stride=(sh, sw),
+                       dilation=(dh, dw), pad_top=pads[0], pad_left=pads[2], activation=ACTIVATIONS[case.act],
+                       layout=int(case.channels_last))
     _C.dwconv2d_cuda_emulate(
         x.data_ptr(), y.data_ptr(), plan.offsets.data_ptr(), plan.taps.data_ptr(), plan.values.data_ptr(),
-        bias.data_ptr() if bias is not None else 0, case.N, case.C, case.H, case.W, oh, ow, kh, kw, sh, sw, dh, dw,
-        pads[0], pads[2], ACTIVATIONS[case.act], int(case.channels_last),
+        bias.data_ptr() if bias is not None else 0, launch,
     )
     assert_matches_reference(y, ref, 1e-5, f"{case} seed={seed}")
 
@@ -233,9 +236,25 @@ def test_emulation_random_shapes(data):
     run_emulation(case, torch.Generator().manual_seed(seed), seed)
 
 
+_ONE_PIXEL = _C.Launch(N=1, C=1, H=3, W=3, OH=1, OW=1, kh=3, kw=3, stride=(1, 1), dilation=(1, 1), pad_top=0,
+                       pad_left=0, activation=0, layout=0)
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("C", 0, "sizes must be >= 1, got N=1 C=0"), ("kh", 0, "kernel/stride/dilation must be >= 1"),
+    ("pad_top", -1, "padding >= 0"), ("activation", 9, "activation code must be in"), ("layout", 2, "layout must be"),
+])
+def test_launch_struct_checks_its_fields(field, value, says):
+    fields = dict(N=1, C=1, H=3, W=3, OH=1, OW=1, kh=3, kw=3, stride=(1, 1), dilation=(1, 1), pad_top=0, pad_left=0,
+                  activation=0, layout=0)
+    with pytest.raises(ValueError, match=re.escape(says)):
+        _C.Launch(**{**fields, field: value})
+    assert _C.Launch(**fields).shape == (1, 1, 3, 3, 1, 1)
+
+
 def test_emulation_rejects_null_pointers():
     with pytest.raises(ValueError, match="null"):
-        _C.dwconv2d_cuda_emulate(0, 0, 0, 0, 0, 0, 1, 1, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1, 0, 0)
+        _C.dwconv2d_cuda_emulate(0, 0, 0, 0, 0, 0, _ONE_PIXEL)
 
 
 @pytest.mark.skipif(_C.cuda_device_count() > 0, reason="a CUDA device is visible: the GPU tests cover the launch")
@@ -246,7 +265,7 @@ def test_cuda_entry_point_raises_without_a_device():
     expected = r"cuda(Get|Set)Device.*failed" if _C.cuda_compiled() else "built without CUDA kernels"
     with pytest.raises(RuntimeError, match=expected):
         _C.dwconv2d_cuda(x.data_ptr(), x.data_ptr(), plan.offsets.data_ptr(), plan.taps.data_ptr(),
-                         plan.values.data_ptr(), 0, 1, 1, 3, 3, 1, 1, 3, 3, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0)
+                         plan.values.data_ptr(), 0, _ONE_PIXEL, 0, 0, 0)
 
 
 # --- the kernel on a GPU ---------------------------------------------------------------------------------------

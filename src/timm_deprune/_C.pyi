@@ -2,20 +2,23 @@
 
 CHANNEL_BLOCK: int
 
+class Launch:
+    """One launch's geometry, epilogue and layout, checked when built (ValueError naming the bad value)."""
+
+    def __init__(self, N: int, C: int, H: int, W: int, OH: int, OW: int, kh: int, kw: int, stride: tuple[int, int],
+                 dilation: tuple[int, int], pad_top: int, pad_left: int, activation: int, layout: int) -> None: ...
+    @property
+    def shape(self) -> tuple[int, int, int, int, int, int]: ...
+
 def dwconv2d_cpu(
     x: int, y: int, offsets: int, taps: int, weights: int, block_offsets: int, block_taps: int, block_weights: int,
-    bias: int, N: int, C: int, H: int, W: int, OH: int, OW: int, kh: int, kw: int, sh: int, sw: int, dh: int,
-    dw: int, pt: int, pl: int, act: int, layout: int, num_threads: int,
+    bias: int, launch: Launch, num_threads: int,
 ) -> None: ...
 def dwconv2d_cuda(
-    x: int, y: int, offsets: int, taps: int, weights: int, bias: int, N: int, C: int, H: int, W: int, OH: int,
-    OW: int, kh: int, kw: int, sh: int, sw: int, dh: int, dw: int, pt: int, pl: int, act: int, dtype: int,
-    layout: int, device: int, stream: int,
+    x: int, y: int, offsets: int, taps: int, weights: int, bias: int, launch: Launch, dtype: int, device: int,
+    stream: int,
 ) -> None: ...
-def dwconv2d_cuda_emulate(
-    x: int, y: int, offsets: int, taps: int, weights: int, bias: int, N: int, C: int, H: int, W: int, OH: int,
-    OW: int, kh: int, kw: int, sh: int, sw: int, dh: int, dw: int, pt: int, pl: int, act: int, layout: int,
-) -> None: ...
+def dwconv2d_cuda_emulate(x: int, y: int, offsets: int, taps: int, weights: int, bias: int, launch: Launch) -> None: ...
 def cuda_compiled() -> bool: ...
 def cuda_device_count() -> int: ...
 def cpu_isa() -> str: ...
