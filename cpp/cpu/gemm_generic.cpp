@@ -1,0 +1,19 @@
+// Packed SGEMM micro-kernels compiled for the 'generic' instruction set (flags in CMakeLists.txt); chosen at run time.
+#include <array>
+#include <cstdint>
+#include <utility>
+
+#include "gemm.h"
+
+#define GEMM_W 4
+#define GEMM_MR 3
+#define GEMM_NP 1
+#define GEMM_KC 512
+
+namespace deprune {
+namespace cpu {
+namespace generic {
+#include "gemm_kernels.inc"
+}  // namespace generic
+}  // namespace cpu
+}  // namespace deprune
