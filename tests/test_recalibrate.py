@@ -217,3 +217,33 @@ def test_recalibrate_bn_takes_input_tensors_or_pairs_and_names_a_bad_batch(gen):
         recalibrate_bn(model, ["not a tensor"], num_batches=1)
     with pytest.raises(ValueError, match="empty loader"):
         recalibrate_bn(model, [], num_batches=1)
+
+
+def test_a_checkpoint_write_that_dies_keeps_the_previous_checkpoint(gen, tmp_path, monkeypatch):
+    import importlib
+    import os
+
+    recal = importlib.import_module("timm_deprune.recalibrate")  # the module (the package's attribute is the function)
+
+    _, res = _pruned(gen)
+    loader = DataLoader(_data(gen, n=16), batch_size=8)
+    ck = tmp_path / "ck"
+    cfg = RecalibrateConfig(epochs=1, lr=1e-3, seed=7, progress=False, checkpoint_dir=str(ck), checkpoint_every=1)
+    recalibrate(copy.deepcopy(res.model), loader, cfg)  # a good checkpoint at the end of the run
+    (good,) = list(ck.iterdir())
+    before = good.read_bytes()
+    real_save = torch.save
+
+    def dying_save(obj, f, *args, **kwargs):  # writes half a checkpoint, then the process "dies"
+        real_save(obj, f, *args, **kwargs)
+        os.truncate(f, os.path.getsize(f) // 2)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recal.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        recalibrate(copy.deepcopy(res.model), loader, RecalibrateConfig(epochs=2, lr=1e-3, seed=7, progress=False,
+                                                                        checkpoint_dir=str(ck), checkpoint_every=1))
+    monkeypatch.setattr(recal.torch, "save", real_save)
+    assert [p.name for p in ck.iterdir()] == [good.name], "a temp file or a second checkpoint was left behind"
+    assert good.read_bytes() == before, "the interrupted save replaced the good checkpoint"
+    torch.load(good, map_location="cpu", weights_only=True)  # still loads
