@@ -29,17 +29,29 @@ SMALL = ["--input-size", "3", "64", "64"]  # keeps the MACs pass cheap
 FOLDER_FILES = {"config.json", WEIGHTS_FILE, MASKS_FILE, "README.md"}
 
 
+def _bind(method: str, *args, **kwargs) -> None:
+    """The call must fit the real ``HfApi`` method: a misspelt keyword is a TypeError here as on the Hub."""
+    import inspect
+
+    from huggingface_hub.hf_api import HfApi
+
+    inspect.signature(getattr(HfApi, method)).bind(None, *args, **kwargs)
+
+
 class FakeApi:
-    """Records Hub calls; ``upload_folder`` snapshots the files it was given."""
+    """Records Hub calls (checked against the real ``HfApi`` signatures); ``upload_folder`` snapshots the files it
+    was given."""
 
     def __init__(self, token=None):
         self.token = token
         self.calls: list[tuple[str, dict]] = []
 
     def create_repo(self, repo_id, **kwargs):
+        _bind("create_repo", repo_id, **kwargs)
         self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
 
     def upload_folder(self, **kwargs):
+        _bind("upload_folder", **kwargs)
         files = sorted(p.name for p in Path(kwargs["folder_path"]).iterdir())
         self.calls.append(("upload_folder", {**kwargs, "files": files}))
         return type("CommitInfo", (), {"commit_url": f"https://hub.test/{kwargs['repo_id']}/commit/abc"})()
@@ -60,6 +72,13 @@ def pruned(tmp_path_factory):
     assert code == 0, err
     assert len(apis) == 1
     return folder, out, err, apis[0]
+
+
+def test_the_fake_hub_refuses_what_the_real_one_would():
+    with pytest.raises(TypeError):
+        FakeApi().upload_folder(repo_id="a/b", folder_path=".", allow_pattern=["*"])  # allow_patterns misspelt
+    with pytest.raises(TypeError):
+        FakeApi().create_repo("a/b", privat=True)
 
 
 def test_prune_random_init_writes_a_folder_timm_loads(pruned):
