@@ -301,3 +301,32 @@ def test_script_wrapper_is_timm_deprune_prune(tmp_path):
     assert res.returncode == 0, res.stderr
     assert FOLDER_FILES <= {p.name for p in (tmp_path / "out").iterdir()}
     assert "DW sparsity" in res.stdout
+
+
+def test_pruning_flags_reach_the_config_and_the_plan(tmp_path):
+    import json
+
+    folder = tmp_path / "o"
+    flags = ["--ignore", "blocks.1.*", "--no-remove-dead", "--importance", "l1", "--tile", "16", "--group", "16",
+             "--pw-tile", "16", "--align", "over", "--dw-ratio", "0.6", "--pw-ratio", "0.25"]
+    code, _, err = run("prune", MODEL, "--random-init", *SMALL, *flags, "--output", str(folder))
+    assert code == 0, err
+    plan = json.loads((folder / "config.json").read_text())["model_args"]["deprune"]
+    expected = timm_deprune.DepruneConfig.deprune_bh(dw_ratio=0.6, pw_ratio=0.25, ignore=("blocks.1.*",),
+                                                     remove_dead=False, importance="l1", tile=16, group=16,
+                                                     pw_tile=16, align="over")
+    assert timm_deprune.DepruneConfig.from_dict(plan["config"]) == expected
+    assert plan["dw"] and not any(d["path"].startswith("blocks.1.") for d in plan["dw"])
+    assert plan["pw"] and not any(p["producer"].startswith("blocks.1.") for p in plan["pw"])
+    assert all(d["dead_removed"] == 0 and d["tile"] == 16 and d["group"] == 16 for d in plan["dw"])
+    assert all(len(p["kept"]) % 16 == 0 or len(p["kept"]) == p["channels_before"] for p in plan["pw"])
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True)  # and it loads
+    assert {p for p, _ in timm_deprune.masked_convs(model)} == {d["path"] for d in plan["dw"]}
+
+
+def test_export_no_check_skips_onnx_runtime(tmp_path, pruned):
+    pytest.importorskip("onnxscript", reason="torch's ONNX exporter needs onnxscript")
+    folder = pruned[0]
+    code, out, err = run("export", str(folder), "--output", str(tmp_path / "m.onnx"), "--no-check", *SMALL)
+    assert code == 0, err
+    assert "ORT check    skipped (--no-check)" in out and (tmp_path / "m.onnx").stat().st_size > 0

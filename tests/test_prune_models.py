@@ -312,3 +312,32 @@ def test_reparameterize_model_bakes_masks_into_plain_convs(gen):
         torch.testing.assert_close(fused(x), res.model(x), rtol=1e-5, atol=1e-6)
     for path, mask in res.masks.items():
         assert (fused.get_submodule(path).weight.detach()[:, 0][~mask] == 0).all()
+
+
+def test_count_macs_and_the_summary_match_hand_counts():
+    from timm_deprune.layers import to_masked
+    from timm_deprune.pruning.report import count_macs
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False),  # 16x16 -> 8x8: 64 px * 8*3*9 = 13824 MACs
+        torch.nn.Conv2d(8, 8, 3, padding=1, groups=8),  # depth-wise: 64 px * 8*9 = 4608 MACs, 72 + 8 params
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 5))  # 40 MACs, 45 params
+    assert count_macs(model, (3, 16, 16)) == {"0": (13824, 216), "1": (4608, 80), "4": (40, 45)}
+    mask = torch.zeros(8, 3, 3, dtype=torch.bool)
+    mask[:, 1, 1] = True  # one kept tap per channel
+    to_masked(model[1], mask)
+    assert count_macs(model, (3, 16, 16))["1"] == (64 * 8, 8 + 8)
+
+
+def test_report_table_and_summary_state_the_totals():
+    result = prune(timm.create_model("mobilenetv2_050", num_classes=10),
+                   DepruneConfig.deprune_bh(dw_ratio=0.5, pw_ratio=0.3), input_size=(3, 32, 32))
+    r = result.report
+    assert r.macs_after < r.macs_before and r.params_after < r.params_before
+    text = r.summary()
+    assert f"MACs {r.macs_before / 1e6:.1f}M -> {r.macs_after / 1e6:.1f}M" in text
+    assert f"({1 - r.macs_after / r.macs_before:.1%} fewer)" in text and "at input [3, 32, 32]" in text
+    table = r.table().splitlines()
+    assert len(table) == 2 + len(r.layers) and table[0].split()[:2] == ["layer", "kind"]
+    dw_rows = [row for row in table[2:] if row.split()[1] == "dw"]
+    assert len(dw_rows) == len(result.plan.dw) and str(r).endswith(text)
