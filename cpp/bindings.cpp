@@ -16,6 +16,8 @@
 namespace py = pybind11;
 using namespace deprune;
 
+void bind_gemm(py::module_& m);  // gemm_bindings.cpp: the packed point-wise GEMM
+
 namespace {
 
 template <typename T>
@@ -148,4 +150,5 @@ PYBIND11_MODULE(_C, m) {
         "Whether this CPU can run the named instruction set.");
   m.def("has_openmp", &cpu::has_openmp, "Whether the CPU kernels were built with OpenMP (multi-threaded).");
   m.attr("CHANNEL_BLOCK") = kChannelBlock;
+  bind_gemm(m);
 }

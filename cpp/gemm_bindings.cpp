@@ -134,7 +134,7 @@ void run(const cpu::PackedGemm& w, const py::buffer& input, const py::buffer& ou
   const Activation a = activation(act);
   if (threads < 1) throw std::invalid_argument("threads must be >= 1, got " + std::to_string(threads));
   const py::buffer_info bi = input.request();
-  const py::buffer_info bo = output.request(true);
+  const py::buffer_info bo = output.request();
   if (bo.readonly) throw std::invalid_argument("output must be writable");
   const Matrix x = matrix(bi, "input"), y = matrix(bo, "output");
   if (x.cols != w.K())
