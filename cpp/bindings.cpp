@@ -131,15 +131,18 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "dwconv2d_cuda_emulate",
       [](std::uintptr_t x, std::uintptr_t y, std::uintptr_t offsets, std::uintptr_t taps, std::uintptr_t weights,
-         std::uintptr_t bias, const Launch& launch) {
+         std::uintptr_t bias, const Launch& launch, int32_t dtype) {
+        if (dtype < 0 || dtype > 2)
+          throw std::invalid_argument("dtype code must be 0, 1 or 2, got " + std::to_string(dtype));
         SparseTaps t{ptr<const int32_t>(offsets), ptr<const int32_t>(taps), ptr<const float>(weights)};
         py::gil_scoped_release release;
-        sparse_dwconv2d_emulate_cuda(launch.shape, t, ptr<const float>(bias), launch.act, launch.layout,
-                                     ptr<const float>(x), ptr<float>(y));
+        sparse_dwconv2d_emulate_cuda(launch.shape, t, ptr<const float>(bias), launch.act, static_cast<DType>(dtype),
+                                     launch.layout, ptr<const void>(x), ptr<void>(y));
       },
       py::arg("x"), py::arg("y"), py::arg("offsets"), py::arg("taps"), py::arg("weights"), py::arg("bias"),
-      py::arg("launch"),
-      "Runs the CUDA kernel's per-thread body on the host, block by block (fp32, host pointers): tests its index math.");
+      py::arg("launch"), py::arg("dtype") = 0,
+      "Runs the CUDA kernel's block program on the host, launch by launch and block by block (host pointers; x / y"
+      " fp32, fp16 or bf16 by dtype code 0 / 1 / 2): tests its index math, barriers and grid split.");
 
   m.def("cuda_compiled", &cuda::compiled, "True when built with the CUDA kernels.");
   m.def("cuda_device_count", &cuda::device_count, "Visible CUDA devices as seen by the extension's runtime.");

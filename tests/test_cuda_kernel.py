@@ -17,11 +17,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_matches_reference, reference_dwconv
+from conftest import REFERENCE_ACTIVATIONS, assert_matches_reference, reference_dwconv
 from timm_deprune import sparse_dwconv2d
 from timm_deprune.kernels.backend import load_extension
 from timm_deprune.kernels.activations import ACTIVATIONS
 from timm_deprune.kernels.geometry import output_size, resolve_padding
+from timm_deprune.kernels.launch import CUDA_DTYPE_CODES
 from timm_deprune.kernels.plan import GROUP_SIZE, build_plan
 
 _C = load_extension()
@@ -114,26 +115,37 @@ class Case:
         return x, weight, mask, bias
 
 
-def run_emulation(case: Case, gen: torch.Generator, seed: int) -> None:
-    x, weight, mask, bias = case.make(gen)
-    plan = build_plan(weight, mask)
+def emulate(case: Case, x: torch.Tensor, plan, bias: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The CUDA kernel's program run by ``_C.dwconv2d_cuda_emulate`` on ``x`` (NCHW, converted to ``dtype`` and
+    ``case``'s layout); the output starts as NaN, so an element the kernel never writes stays NaN."""
     pads = case.pads()
-    ref = reference_dwconv(x, weight, mask, bias, case.stride, pads, case.dilation, case.act)
     (kh, kw), (sh, sw), (dh, dw) = case.kernel, case.stride, case.dilation
     oh = output_size(case.H, kh, sh, dh, pads[0], pads[1])
     ow = output_size(case.W, kw, sw, dw, pads[2], pads[3])
-    assert (oh, ow) == tuple(ref.shape[2:])
     fmt = torch.channels_last if case.channels_last else torch.contiguous_format
-    x = x.contiguous(memory_format=fmt)
-    y = torch.empty(ref.shape, dtype=torch.float32, memory_format=fmt).fill_(float("nan"))
+    x = x.to(dtype).contiguous(memory_format=fmt)
+    y = torch.empty((case.N, case.C, oh, ow), dtype=dtype, memory_format=fmt).fill_(float("nan"))
     launch = _C.Launch(N=case.N, C=case.C, H=case.H, W=case.W, OH=oh, OW=ow, kh=kh, kw=kw, stride=(sh, sw),
                        dilation=(dh, dw), pad_top=pads[0], pad_left=pads[2], activation=ACTIVATIONS[case.act],
                        layout=int(case.channels_last))
     _C.dwconv2d_cuda_emulate(
         x.data_ptr(), y.data_ptr(), plan.offsets.data_ptr(), plan.taps.data_ptr(), plan.values.data_ptr(),
-        bias.data_ptr() if bias is not None else 0, launch,
+        bias.data_ptr() if bias is not None else 0, launch, CUDA_DTYPE_CODES[dtype],
     )
-    assert_matches_reference(y, ref, 1e-5, f"{case} seed={seed}")
+    assert y.is_contiguous(memory_format=fmt)
+    return y
+
+
+def run_emulation(case: Case, gen: torch.Generator, seed: int, dtype: torch.dtype = torch.float32) -> None:
+    """Emulated kernel against the float64 reference (on the input rounded to ``dtype``)."""
+    x, weight, mask, bias = case.make(gen)
+    x = x.to(dtype).float()  # the reference sees the same rounded input
+    plan = build_plan(weight, mask)
+    ref = reference_dwconv(x, weight, mask, bias, case.stride, case.pads(), case.dilation, case.act)
+    y = emulate(case, x, plan, bias, dtype)
+    assert y.dtype == dtype
+    rel = 1e-5 if dtype == torch.float32 else 1e-2
+    assert_matches_reference(y.float(), ref, rel, f"{case} dtype={dtype} seed={seed}")
 
 
 # --- emulation of the CUDA grid on the CPU (always run) -------------------------------------------------------------
@@ -234,6 +246,76 @@ def test_emulation_random_shapes(data):
     )
     seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
     run_emulation(case, torch.Generator().manual_seed(seed), seed)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [
+    Case(),
+    Case(N=1, C=70, H=19, W=23, kernel=(5, 5), stride=(2, 2), mask="balanced", act="silu"),
+    Case(N=1, C=64, H=12, W=10, kernel=(11, 11), mask="dense", act="relu6"),  # chunked group lists
+], ids=lambda c: f"C{c.C}-{c.kernel[0]}x{c.kernel[1]}-{c.mask}-{c.act}")
+def test_emulation_half_io(case, dtype, channels_last, seed):
+    case = Case(**{**case.__dict__, "channels_last": channels_last})
+    run_emulation(case, torch.Generator().manual_seed(seed), seed, dtype)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("scale", [1.0, 1e-6, 1e4], ids=["normal", "subnormal", "overflow"])
+def test_emulation_half_io_rounds_like_torch(scale, dtype, channels_last, seed):
+    # The kernel accumulates in fp32 whatever the IO type, so its fp16 / bf16 output must be, bit for bit, its fp32
+    # output of the same (rounded) input converted by torch (round to nearest even), subnormals and inf included.
+    gen = torch.Generator().manual_seed(seed)
+    case = Case(N=2, C=40, H=9, W=11, kernel=(3, 3), mask="random", channels_last=channels_last)
+    x, weight, mask, bias = case.make(gen)
+    x = (x.clamp(-6, 6) * scale).to(dtype).float()  # finite inputs (fp16 ends at 65504); sums of them may overflow
+    plan = build_plan(weight, mask)
+    bias = bias * scale
+    y = emulate(case, x, plan, bias, dtype)
+    expected = emulate(case, x, plan, bias, torch.float32).to(dtype)
+    assert not torch.isnan(expected).any()
+    if dtype == torch.float16 and scale != 1.0:  # the regime the case is named for is reached
+        reached = torch.isinf(expected) if scale > 1 else (expected != 0) & (expected.abs() < 2.0**-14)
+        assert reached.any(), f"no {'inf' if scale > 1 else 'subnormal'} output at scale {scale} (seed={seed})"
+    same = y.view(torch.int16) == expected.view(torch.int16)
+    assert same.all(), (
+        f"{int((~same).sum())} of {same.numel()} {dtype} outputs differ from torch's rounding of the fp32 result,"
+        f" e.g. {y[~same][:4].tolist()} vs {expected[~same][:4].tolist()} (scale={scale}, seed={seed})")
+
+
+def run_pointwise_emulation(case: Case, seed: int) -> None:
+    """A 1x1 kernel on 1x1 images: the float64 reference is x * kept weight + bias, without a grouped conv (which
+    takes seconds at 2M channels)."""
+    assert case.kernel == (1, 1) and case.H == case.W == 1 and case.bias
+    x, weight, mask, bias = case.make(torch.Generator().manual_seed(seed))
+    plan = build_plan(weight, mask)
+    kept = (weight.double() * mask.unsqueeze(1).double()).view(1, case.C, 1, 1)
+    ref = REFERENCE_ACTIVATIONS[case.act](x.double() * kept + bias.double().view(1, -1, 1, 1))
+    y = emulate(case, x, plan, bias, torch.float32)
+    assert_matches_reference(y, ref, 1e-5, f"{case} seed={seed}")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_emulation_splits_more_than_65535_images(channels_last, seed):
+    # Grid z holds at most 65535 images: N = 65537 takes two launches, the second starting at n_base = 65535.
+    case = Case(N=65537, C=3, H=1, W=1, kernel=(1, 1), mask="random", keep=0.7, act="relu6",
+                channels_last=channels_last)
+    run_pointwise_emulation(case, seed)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_emulation_splits_more_than_65535_groups(channels_last, seed):
+    # Grid y holds at most 65535 groups of 32 channels: 65537 groups take two launches (group_base = 65535); the
+    # last group is ragged (5 channels).
+    case = Case(N=1, C=65536 * 32 + 5, H=1, W=1, kernel=(1, 1), mask="random", keep=0.7, act="hardswish",
+                channels_last=channels_last)
+    run_pointwise_emulation(case, seed)
+
+
+def test_emulation_rejects_a_bad_dtype_code():
+    with pytest.raises(ValueError, match="dtype code must be 0, 1 or 2, got 3"):
+        _C.dwconv2d_cuda_emulate(0, 0, 0, 0, 0, 0, _ONE_PIXEL, 3)
 
 
 _ONE_PIXEL = _C.Launch(N=1, C=1, H=3, W=3, OH=1, OW=1, kh=3, kw=3, stride=(1, 1), dilation=(1, 1), pad_top=0,

@@ -1,6 +1,7 @@
-// Per-thread body of the CUDA sparse depth-wise conv, as __host__ __device__ phases separated by barriers.
-// The CUDA kernel (dwconv_cuda.cu) runs the phases with __syncthreads() between them; the host emulation
-// (dwconv_emulate.cpp) runs each phase for every thread of a block before the next, so both execute this code.
+// The CUDA sparse depth-wise conv as __host__ __device__ code: the per-thread phases, the block program that
+// chains them with barriers (run_block) and the grid split into launches (for_each_launch, block_coord). The CUDA
+// kernel (dwconv_cuda.cu) and the host emulation (dwconv_emulate.cpp) both instantiate run_block and walk the same
+// launches, so the emulation executes the kernel's program, barriers and grid split included, not a copy of it.
 //
 // Work split: one thread block per (32-channel group, spatial tile, image). A tile is `tile_pixels` consecutive
 // output pixels in row-major (oy, ox) order. The group's kept-tap list (its CSR slice plus the 33 per-channel
@@ -19,6 +20,7 @@
 #include <string>
 
 #include "deprune/dwconv.h"
+#include "dwconv_io.h"  // IOFloat / IOHalf / IOBFloat16
 
 // Device pass only: the host compiler (g++ under nvcc, or for the emulation) would warn about an unknown pragma.
 #if defined(__CUDA_ARCH__)
@@ -74,12 +76,6 @@ struct BlockCoord {
 // Per-thread registers that live across the chunk loop.
 struct ThreadState {
   float acc[kChannelsPerWarp][kMaxRows];
-};
-
-// x / y element access for fp32; the .cu adds fp16 / bf16 versions with the same interface.
-struct IOFloat {
-  static DEPRUNE_HD float load(const void* base, int64_t i) { return static_cast<const float*>(base)[i]; }
-  static DEPRUNE_HD void store(void* base, int64_t i, float v) { static_cast<float*>(base)[i] = v; }
 };
 
 inline size_t shared_bytes(int32_t chunk) {
@@ -314,6 +310,58 @@ DEPRUNE_HD void phase_store(const KernelParams& p, const BlockCoord& b, int tid,
     phase_store_nchw<IO>(p, b, tid, st);
   else
     phase_store_nhwc<IO>(p, b, tid, st);
+}
+
+// --- grid -------------------------------------------------------------------------------------------------------
+// Grid: x = spatial tile, y = channel group, z = image. CUDA caps grid y and z at 65535, so a layer with more groups
+// or images is split into several launches, each told where its y / z range starts.
+constexpr int64_t kMaxGridYZ = 65535;
+
+struct GridLaunch {
+  uint32_t tiles, groups, images;  // grid x, y, z of this launch
+  int64_t group_base, n_base;      // group / image of blockIdx.y == 0 / blockIdx.z == 0
+};
+
+// Calls f(const GridLaunch&) for each launch that together cover every (tile, group, image) block once.
+template <class F>
+void for_each_launch(const KernelParams& p, F&& f) {
+  for (int64_t g0 = 0; g0 < p.groups; g0 += kMaxGridYZ) {
+    for (int64_t n0 = 0; n0 < p.s.N; n0 += kMaxGridYZ) {
+      const int64_t ng = p.groups - g0 < kMaxGridYZ ? p.groups - g0 : kMaxGridYZ;
+      const int64_t nn = p.s.N - n0 < kMaxGridYZ ? p.s.N - n0 : kMaxGridYZ;
+      f(GridLaunch{static_cast<uint32_t>(p.tiles), static_cast<uint32_t>(ng), static_cast<uint32_t>(nn), g0, n0});
+    }
+  }
+}
+
+// The block a (blockIdx.x, blockIdx.y, blockIdx.z) of a launch computes.
+DEPRUNE_HD BlockCoord block_coord(uint32_t bx, uint32_t by, uint32_t bz, int64_t group_base, int64_t n_base) {
+  return BlockCoord{static_cast<int32_t>(bx), group_base + by, n_base + bz};
+}
+
+// --- the block program -------------------------------------------------------------------------------------------
+// `Threads` runs the per-thread code of one block:
+//   each(f)   runs f(tid) for this block's threads (on the GPU: the calling thread only);
+//   barrier() is __syncthreads(): every thread's work before it is done before any thread's work after it;
+//   state(t)  is thread t's registers that live across the chunk loop;
+//   finish()  ends the block (the emulation runs what is still pending).
+// The barriers sit here, outside any per-thread branch, and the chunk count is the same for every thread, so every
+// thread reaches every barrier. Per-thread lambdas capture by value: the emulation runs them at the next barrier.
+template <class IO, Layout L, class Threads>
+DEPRUNE_HD void run_block(const KernelParams& params, const BlockCoord& coord, void* smem, Threads& threads) {
+  const KernelParams* p = &params;
+  const BlockCoord* b = &coord;
+  Threads* th = &threads;
+  threads.each([=](int tid) { init_state(th->state(tid)); });
+  const int32_t chunks = num_chunks(params, coord);
+  for (int32_t k = 0; k < chunks; ++k) {
+    if (k > 0) threads.barrier();  // the previous chunk is fully consumed before it is overwritten
+    threads.each([=](int tid) { phase_load(*p, *b, tid, kThreads, smem, k); });
+    threads.barrier();  // the chunk is fully loaded before any thread reads it
+    threads.each([=](int tid) { phase_accumulate<IO, L>(*p, *b, tid, smem, k, th->state(tid)); });
+  }
+  threads.each([=](int tid) { phase_store<IO, L>(*p, *b, tid, th->state(tid)); });
+  threads.finish();
 }
 
 }  // namespace cuda_block

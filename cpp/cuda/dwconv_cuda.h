@@ -22,9 +22,9 @@ void sparse_dwconv2d(const DWConvShape& shape, const SparseTaps& taps, const flo
 
 }  // namespace cuda
 
-// Host emulation of the CUDA kernel grid (fp32 only, host pointers): exercises the same __host__ __device__
-// per-thread phases as the GPU, block by block.
+// Host emulation of the CUDA kernel (host pointers; x / y of `dtype`): walks the same launches and runs the same
+// block program (dwconv_block.h run_block) as the GPU, block by block.
 void sparse_dwconv2d_emulate_cuda(const DWConvShape& shape, const SparseTaps& taps, const float* bias,
-                                  Activation act, Layout layout, const float* x, float* y);
+                                  Activation act, DType dtype, Layout layout, const void* x, void* y);
 
 }  // namespace deprune

@@ -1,0 +1,117 @@
+// Element access of x / y for the CUDA kernel and its host emulation: fp32, fp16 and bf16, all converted to fp32
+// for accumulation. On the device the conversions are the CUDA intrinsics; on the host (the emulation) they are
+// bit-exact software versions of the same round-to-nearest-even conversions, so an emulated fp16 / bf16 run
+// stores exactly the bits the GPU would.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "deprune/dwconv.h"
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
+namespace deprune {
+namespace cuda_block {
+
+// --- host reference conversions (round to nearest even, like __float2half_rn / __float2bfloat16_rn) -------------
+inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+inline float half_bits_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t{h & 0x8000u} << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+  if (exp == 0) {  // zero or subnormal: mant * 2^-24, exact in fp32
+    const float v = static_cast<float>(mant) * 5.9604644775390625e-8f;
+    return sign ? -v : v;
+  }
+  if (exp == 31) return bits_to_float(sign | 0x7f800000u | (mant << 13));  // inf / NaN
+  return bits_to_float(sign | ((exp + 112u) << 23) | (mant << 13));
+}
+
+inline uint16_t float_to_half_bits(float f) {
+  const uint32_t x = float_to_bits(f);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  const uint32_t ax = x & 0x7fffffffu;
+  if (ax > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u | ((ax >> 13) & 0x3ffu));  // quiet NaN
+  if (ax >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520 rounds to inf
+  if (ax < 0x38800000u) {  // below 2^-14: a half subnormal (or zero); |f| * 2^24 is exact, round it to even
+    const float scaled = bits_to_float(ax) * 16777216.0f;
+    uint32_t m = static_cast<uint32_t>(scaled);
+    const float rest = scaled - static_cast<float>(m);
+    if (rest > 0.5f || (rest == 0.5f && (m & 1u))) ++m;
+    return static_cast<uint16_t>(sign | m);  // m == 1024 is the smallest normal, as it should be
+  }
+  uint32_t h = (ax >> 13) - (112u << 10);  // rebias the exponent 127 -> 15, keep the top 10 mantissa bits
+  const uint32_t rest = ax & 0x1fffu;
+  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;  // a carry into the exponent is the right result
+  return static_cast<uint16_t>(sign | h);
+}
+
+inline float bf16_bits_to_float(uint16_t b) { return bits_to_float(uint32_t{b} << 16); }
+
+inline uint16_t float_to_bf16_bits(float f) {
+  const uint32_t x = float_to_bits(f);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);  // quiet NaN
+  return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+
+// --- IO policies: load element i of x as fp32, store fp32 v as element i of y ---------------------------------
+// Loads go through a __restrict__ const pointer, so the device compiler may use the read-only data path.
+struct IOFloat {
+  static DEPRUNE_HD float load(const void* __restrict__ base, int64_t i) {
+    return static_cast<const float*>(base)[i];
+  }
+  static DEPRUNE_HD void store(void* __restrict__ base, int64_t i, float v) { static_cast<float*>(base)[i] = v; }
+};
+
+struct IOHalf {
+  static DEPRUNE_HD float load(const void* __restrict__ base, int64_t i) {
+    const uint16_t h = static_cast<const uint16_t*>(base)[i];
+#if defined(__CUDA_ARCH__)
+    return __half2float(__ushort_as_half(h));
+#else
+    return half_bits_to_float(h);
+#endif
+  }
+  static DEPRUNE_HD void store(void* __restrict__ base, int64_t i, float v) {
+#if defined(__CUDA_ARCH__)
+    static_cast<uint16_t*>(base)[i] = __half_as_ushort(__float2half_rn(v));
+#else
+    static_cast<uint16_t*>(base)[i] = float_to_half_bits(v);
+#endif
+  }
+};
+
+struct IOBFloat16 {
+  static DEPRUNE_HD float load(const void* __restrict__ base, int64_t i) {
+    const uint16_t b = static_cast<const uint16_t*>(base)[i];
+#if defined(__CUDA_ARCH__)
+    return __bfloat162float(__ushort_as_bfloat16(b));
+#else
+    return bf16_bits_to_float(b);
+#endif
+  }
+  static DEPRUNE_HD void store(void* __restrict__ base, int64_t i, float v) {
+#if defined(__CUDA_ARCH__)
+    static_cast<uint16_t*>(base)[i] = __bfloat16_as_ushort(__float2bfloat16_rn(v));
+#else
+    static_cast<uint16_t*>(base)[i] = float_to_bf16_bits(v);
+#endif
+  }
+};
+
+}  // namespace cuda_block
+}  // namespace deprune
