@@ -108,8 +108,8 @@ def _edit(tensors: list, which: int, how: str, kk: int) -> list:
         flat[flat.numel() // 2] += kk if v.dtype == torch.int32 else 1.0
     elif how == "negative" and v.numel() > 0:
         v.view(-1)[0] = -1
-    elif how == "2d":
-        t[which] = v.reshape(1, -1)
+    elif how == "2d":  # a 1-D tensor made 2-D, the 2-D block_values made 1-D
+        t[which] = v.reshape(1, -1) if v.dim() == 1 else v.reshape(-1)
     return t
 
 
