@@ -199,7 +199,11 @@ def build_plan(weight: torch.Tensor, mask: torch.Tensor, group_size: int = GROUP
         values = w[ch_idx, tap_idx].contiguous()
 
         nblocks = -(-channels // CHANNEL_BLOCK)
-        wm = _pad_channels(torch.where(m, w, torch.zeros((), dtype=w.dtype, device=w.device)), CHANNEL_BLOCK)
+        # Block lanes whose channel pruned the tap (or lies past C) hold -0.0, kept weights +0.0 for an exact zero:
+        # the channels_last kernel skips -0.0 lanes, so a pruned tap never carries a NaN / Inf input (as 0 * x
+        # would) and every sparse path has one semantics: only kept taps read the input.
+        wm = torch.full((nblocks * CHANNEL_BLOCK, kh * kw), -0.0, dtype=w.dtype, device=w.device)
+        wm[:channels] = torch.where(m, w + 0.0, torch.full((), -0.0, dtype=w.dtype, device=w.device))
         wb = wm.reshape(nblocks, CHANNEL_BLOCK, kh * kw)
         block_mask = _block_union(m, CHANNEL_BLOCK)  # [nblocks, K]
         b_idx, bt_idx = block_mask.nonzero(as_tuple=True)
