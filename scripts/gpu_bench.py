@@ -7,7 +7,7 @@ number of taps, ranked by |w| within the group. Every (layer, batch, dtype, layo
 interleaved, with CUDA events, taking the median over repeats; by default each sample replays a CUDA graph of
 `--iters` calls, so the numbers are GPU time, not Python launch overhead (`--mode eager` times plain calls).
 
-    python scripts/gpu_bench.py [--models mobilenetv2_100 efficientnet_b0] [--json results.json]
+    python scripts/gpu_bench.py [--models mobilenetv2_100 efficientnet_b0] [--json results.json] [--markdown t.md]
 """
 from __future__ import annotations
 
@@ -171,10 +171,11 @@ def bench_layer(layer: Layer, batch: int, dtype: torch.dtype, keeps: list[float]
                    for (kind, lname, keep), t in zip(names, times)}}
 
 
-def summarize(results: list[dict], keeps: list[float]) -> str:
-    """One row per (model, dtype, batch, keep): sums over the model's layers of the per-layer times."""
+def summary_rows(results: list[dict], keeps: list[float]) -> list[tuple[str, ...]]:
+    """One row per (model, dtype, batch, keep): sums over the model's layers of the per-layer times (ms), and our
+    speed-up against cuDNN in the same layout and against cuDNN's better layout."""
     header = ("model", "dtype", "batch", "keep", "dense nchw", "dense cl", "dense best", "ours nchw", "ours cl",
-              "ours best", "speed-up", "ours GB/s")
+              "ours best", "nchw vs cuDNN nchw", "cl vs cuDNN cl", "best vs best", "ours GB/s")
     rows = [header]
     keys = sorted({(r["layer"]["model"], r["dtype"], r["batch"]) for r in results},
                   key=lambda k: (k[0], k[1], k[2]))
@@ -189,17 +190,32 @@ def summarize(results: list[dict], keeps: list[float]) -> str:
             ob = sum(min(r["ms"][f"ours/nchw/{keep}"], r["ms"][f"ours/cl/{keep}"]) for r in rs)
             gbs = sum(r["io_bytes"] for r in rs) / (ob * 1e-3) / 1e9
             rows.append((model, dtype, str(batch), f"{keep:.0%}", f"{dn:.4f}", f"{dc:.4f}", f"{db:.4f}", f"{on:.4f}",
-                         f"{oc:.4f}", f"{ob:.4f}", f"{db / ob:.2f}x", f"{gbs:.0f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+                         f"{oc:.4f}", f"{ob:.4f}", f"{dn / on:.2f}x", f"{dc / oc:.2f}x", f"{db / ob:.2f}x",
+                         f"{gbs:.0f}"))
+    return rows
+
+
+def summarize(results: list[dict], keeps: list[float]) -> str:
+    """The summary rows as aligned text."""
+    rows = summary_rows(results, keeps)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
+def markdown(results: list[dict], keeps: list[float], title: str) -> str:
+    """The summary rows as a markdown table under ``title``."""
+    rows = summary_rows(results, keeps)
+    out = [title, "", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    out += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(BUILTIN), help="timm model names")
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     parser.add_argument("--keeps", nargs="+", type=float, default=[1.0, 0.5, 0.29], help="kept fraction of taps")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--iters", type=int, default=20, help="calls per timed sample")
@@ -208,6 +224,7 @@ def main() -> None:
     parser.add_argument("--shapes", choices=["timm", "builtin"], default="timm",
                         help="read layer shapes from timm (falls back to builtin when timm is missing)")
     parser.add_argument("--json", help="write the per-layer results here")
+    parser.add_argument("--markdown", help="write the summary table here as markdown")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_bench: needs a CUDA device (torch.cuda.is_available() is False)")
@@ -225,9 +242,10 @@ def main() -> None:
             sys.exit(f"gpu_bench: no built-in shapes for {model!r}; install timm or pick from {sorted(BUILTIN)}")
         layers += builtin_layers(model)
 
-    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M}  {torch.cuda.get_device_name()}  torch {torch.__version__}"
-          f"  mode={args.mode} iters={args.iters} repeats={args.repeats}  (ms per call, sums over each model's"
-          " depth-wise layers; dense = F.conv2d groups=C; best = faster layout per layer)", flush=True)
+    title = (f"# {datetime.datetime.now():%Y-%m-%d %H:%M}  {torch.cuda.get_device_name()}  torch {torch.__version__}"
+             f"  mode={args.mode} iters={args.iters} repeats={args.repeats}  (ms per call, sums over each model's"
+             " depth-wise layers; dense = F.conv2d groups=C (cuDNN); best = faster layout per layer)")
+    print(title, flush=True)
     results = []
     with torch.no_grad():  # not inference_mode: build_plan reads weight._version, which inference tensors lack
         for layer in layers:
@@ -240,6 +258,9 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "mode": args.mode,
                        "results": results}, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(results, args.keeps, title.lstrip("# ")))
     print(summarize(results, args.keeps))
 
 
