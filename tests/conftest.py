@@ -79,6 +79,34 @@ def randomize_bn(model: torch.nn.Module, gen: torch.Generator) -> torch.nn.Modul
     return model
 
 
+# A child Python prints this first (flushed, so it survives a crash); the parent checks it against its own
+# `package_line()`: both ran the same timm_deprune with the same native backend (a child that put a bare src/ on its
+# path would import a package without the built _C and silently test the dense fallback).
+PACKAGE_PROBE = ("import timm_deprune, timm_deprune.kernels.backend as _backend; print('timm_deprune at',"
+                 " timm_deprune.__file__, 'native', _backend.backend_available(), flush=True)")
+
+
+def package_line() -> str:
+    """The line ``PACKAGE_PROBE`` prints in this process."""
+    import timm_deprune
+    from timm_deprune.kernels.backend import backend_available
+
+    return f"timm_deprune at {timm_deprune.__file__} native {backend_available()}"
+
+
+def child_env(*paths, **overrides: str) -> dict:
+    """This process's environment for a child Python: PYTHONPATH gains only ``paths`` (test helpers), so the child
+    imports timm_deprune from where this process did; ``overrides`` are set last."""
+    import os
+
+    env = dict(os.environ)
+    parts = [str(p) for p in paths] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if parts:
+        env["PYTHONPATH"] = os.pathsep.join(parts)
+    env.update(overrides)
+    return env
+
+
 def run_cli(*argv: str) -> tuple[int, str, str]:
     """``timm_deprune.cli.main(argv)`` in-process with stdout and stderr captured: (exit code, stdout, stderr)."""
     import contextlib

@@ -17,7 +17,7 @@ import timm
 import torch
 
 import timm_deprune
-from conftest import assert_one_line_error
+from conftest import PACKAGE_PROBE, assert_one_line_error, child_env, package_line
 from conftest import run_cli as run
 from timm_deprune import cli
 from timm_deprune.cli import commands as cli_commands
@@ -288,9 +288,14 @@ def test_push_refuses_a_folder_that_is_not_a_model(tmp_path, monkeypatch):
 
 
 def _script(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "prune_and_upload.py"), *argv], cwd=cwd, env=env,
+    # The script as `python script.py ...` runs it, after the probe of which timm_deprune the child imports.
+    script = ROOT / "scripts" / "prune_and_upload.py"
+    code = (f"{PACKAGE_PROBE}\nimport runpy, sys\nsys.argv = sys.argv[1:]\nsys.path[0] = {str(script.parent)!r}\n"
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code, str(script), *argv], cwd=cwd, env=child_env(HF_HUB_OFFLINE="1"),
                           capture_output=True, text=True, timeout=300)
+    assert package_line() in proc.stdout, proc.stdout[:500] + proc.stderr[-2000:]
+    return proc
 
 
 def test_script_wrapper_is_timm_deprune_prune(tmp_path):

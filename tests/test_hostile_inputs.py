@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from timm_deprune import DepruneConfig, build_plan, prune, save_pretrained, sparse_dwconv2d
+from conftest import PACKAGE_PROBE, child_env, package_line
 from timm_deprune.kernels.backend import backend_available
 
 needs_backend = pytest.mark.skipif(not backend_available(), reason="native backend not built")
@@ -39,8 +40,10 @@ def call(x, bias=None, padding=(1, 1, 1, 1), stride=(1, 1), dilation=(1, 1), act
 
 def _run_isolated(body: str) -> subprocess.CompletedProcess:
     """Run ``body`` after the prelude in a fresh interpreter (the same installed package and ``_C``)."""
-    code = _OP_PRELUDE + textwrap.dedent(body)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    code = PACKAGE_PROBE + "\n" + _OP_PRELUDE + textwrap.dedent(body)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=child_env())
+    assert package_line() in res.stdout, f"the child ran another timm_deprune: {res.stdout[:500]!r}"
+    return res
 
 
 _OP_CASES = {
@@ -231,7 +234,7 @@ def test_a_save_killed_at_any_point_leaves_the_old_model_the_new_one_or_a_clear_
     with torch.no_grad():
         old_out, new_out = pruned.eval()(x), _new_model().eval()(x)
     assert not torch.allclose(old_out, new_out), "the two saves must differ, or a mix could not be seen"
-    script = textwrap.dedent(f"""
+    script = PACKAGE_PROBE + "\n" + textwrap.dedent(f"""
         import os, signal, sys, torch, timm, timm_deprune
         from timm_deprune import DepruneConfig, prune, save_pretrained
         torch.manual_seed(0)
@@ -249,8 +252,10 @@ def test_a_save_killed_at_any_point_leaves_the_old_model_the_new_one_or_a_clear_
     outcomes = []
     for stop in range(1, len(SAVED) + 1):
         save_pretrained(pruned, target, overwrite=True)  # back to the old model before each kill
-        res = subprocess.run([sys.executable, "-c", script, str(stop)], capture_output=True, text=True, timeout=300)
+        res = subprocess.run([sys.executable, "-c", script, str(stop)], capture_output=True, text=True, timeout=300,
+                             env=child_env())
         assert res.returncode == -9, res.stderr[-2000:]
+        assert package_line() in res.stdout, res.stdout[:500]
         names = {p.name for p in target.iterdir()}
         assert SAVED | {"mine.txt"} <= names, names
         assert (target / "mine.txt").read_text() == "keep"

@@ -32,11 +32,10 @@ import torch
 
 import timm
 import timm_deprune
-from conftest import randomize_bn
+from conftest import PACKAGE_PROBE, child_env, package_line, randomize_bn
 from timm_deprune import DepruneConfig, masked_convs, prune, push_to_hub, save_pretrained
 from timm_deprune.hub import io as hub, timm_plugin
 
-SRC = Path(__file__).resolve().parents[1] / "src"
 TESTS = Path(__file__).resolve().parent
 FILES = {"config.json", "model.safetensors", "deprune_masks.safetensors", "README.md"}
 SIZE = 64
@@ -296,6 +295,7 @@ def test_environment_set_before_import_offline_cache_and_tag_org(saved, tmp_path
         import os, sys
         assert "huggingface_hub" not in sys.modules and "timm" not in sys.modules
         import timm, timm_deprune
+        """) + PACKAGE_PROBE + textwrap.dedent("""
         import huggingface_hub.constants as constants
         from test_hub import FakeHfApi, assert_same, assert_same_masks, batch, outputs
         from timm_deprune import push_to_hub
@@ -317,11 +317,12 @@ def test_environment_set_before_import_offline_cache_and_tag_org(saved, tmp_path
     """))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"), HF_HUB_CACHE=str(tmp_path / "hf-cache"),
-               TIMM_DEPRUNE_HUB_ORG="env-org", PYTHONPATH=os.pathsep.join([str(SRC), str(TESTS)]))
+               TIMM_DEPRUNE_HUB_ORG="env-org", PYTHONPATH=child_env(TESTS)["PYTHONPATH"])
     env.setdefault("OMP_NUM_THREADS", "1")  # small models; extra threads only stall on a busy machine
     proc = subprocess.run([sys.executable, str(script), str(saved)], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and "SUBPROCESS-OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert package_line() in proc.stdout, proc.stdout[:500]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -699,7 +700,7 @@ def test_http_download_through_olah_mirror(saved, pruned, tmp_path):
     log = tmp_path / "olah.log"
     torch.save({"state": pruned.state_dict(), "masks": masks_of(pruned)}, tmp_path / "ref.pt")
     client = tmp_path / "client.py"
-    client.write_text(textwrap.dedent("""
+    client.write_text(PACKAGE_PROBE + "\n" + textwrap.dedent("""
         import sys, torch, timm, timm_deprune
         ref = torch.load(sys.argv[1])
         model = timm.create_model("hf-hub:user/repo", pretrained=True).eval()
@@ -730,13 +731,13 @@ def test_http_download_through_olah_mirror(saved, pruned, tmp_path):
                if not k.startswith(("HF_", "HUGGINGFACE_")) and k.lower() not in ("http_proxy", "https_proxy",
                                                                                   "all_proxy")}
         env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HUB_CACHE=str(tmp_path / "client-cache"),
-                   HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1", NO_PROXY="127.0.0.1,localhost",
-                   PYTHONPATH=str(SRC))
+                   HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1", NO_PROXY="127.0.0.1,localhost")
         env.setdefault("OMP_NUM_THREADS", "1")
         proc = subprocess.run([sys.executable, str(client), str(tmp_path / "ref.pt"), str(saved)], cwd=tmp_path,
                               env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0 and "CLIENT-OK" in proc.stdout, \
             proc.stdout[-2000:] + proc.stderr[-4000:] + log.read_text()[-2000:]
+        assert package_line() in proc.stdout, proc.stdout[:500]
     finally:
         server.terminate()
         try:

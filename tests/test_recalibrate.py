@@ -6,6 +6,7 @@ import timm
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from conftest import child_env, package_line
 from timm_deprune import (DepruneConfig, RecalibrateConfig, create_loaders, evaluate, prune, recalibrate,
                           recalibrate_bn)
 
@@ -161,14 +162,13 @@ def test_accelerate_two_processes_agree_with_what_rank0_saves(tmp_path):
     from safetensors.torch import load_file
 
     script = Path(__file__).parent / "scripts" / "distributed_recalibrate.py"
-    src = str(Path(__file__).parents[1] / "src")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               PYTHONPATH=os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p))
+    env = child_env(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     # --multi_gpu selects accelerate's torchrun launcher; the script's Accelerator(cpu=True) then uses gloo on CPU
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count(package_line()) == 2, proc.stdout[-2000:]  # both ranks ran this timm_deprune
     m0, m1 = load_file(tmp_path / "masks_rank0.safetensors"), load_file(tmp_path / "masks_rank1.safetensors")
     assert m0.keys() == m1.keys() and all(torch.equal(m0[k], m1[k]) for k in m0)
     s0, s1 = load_file(tmp_path / "state_rank0.safetensors"), load_file(tmp_path / "state_rank1.safetensors")

@@ -15,6 +15,10 @@ import timm_deprune as td
 
 
 def main(out: Path) -> None:
+    from timm_deprune.kernels.backend import backend_available
+
+    # conftest.PACKAGE_PROBE's line: the parent checks each rank imported its timm_deprune and native backend
+    print("timm_deprune at", td.__file__, "native", backend_available(), flush=True)
     accelerator = Accelerator(cpu=True)
     rank = accelerator.process_index
     torch.manual_seed(0)  # the same dense init on every rank
