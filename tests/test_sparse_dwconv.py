@@ -118,12 +118,12 @@ def test_balanced_and_unbalanced_masks(gen, isa, keep, layout):
 
 @pytest.mark.parametrize("n,h,w", [(1, 1, 1), (1, 1, 7), (3, 7, 1), (1, 2, 2), (4, 3, 5)])
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
-def test_tiny_spatial_sizes_and_batches(gen, n, h, w, layout):
+def test_tiny_spatial_sizes_and_batches(gen, isa, n, h, w, layout):
     run_case(gen, n=n, c=9, h=h, w=w, padding="same", stride=2, layout=layout)
     run_case(gen, n=n, c=9, h=h, w=w, padding=1, layout=layout)
 
 
-def test_model_sized_layers_multithreaded(gen):
+def test_model_sized_layers_multithreaded(gen, isa):
     """Shapes as in mobilenetv2 / efficientnet (large planes, many channels) with the default thread count."""
     run_case(gen, n=1, c=32, h=112, w=112, padding=1, activation="relu6")
     run_case(gen, n=2, c=96, h=56, w=56, stride=2, padding=(0, 1, 0, 1), kernel=(3, 3), activation="silu")
@@ -151,7 +151,7 @@ def test_model_sized_layers_multithreaded(gen):
     run_case(gen, n=2, c=16, h=15, w=15, stride=2, padding=(5, 0, 5, 0), kernel=(11, 11), layout="cl", keep=1.0)
 
 
-def test_non_contiguous_input_is_handled(gen):
+def test_non_contiguous_input_is_handled(gen, isa):
     x = torch.randn(2, 16, 12, 20, generator=gen)[:, :, :, ::2]
     weight = torch.randn(16, 1, 3, 3, generator=gen)
     mask = random_mask(16, 3, 3, 0.6, gen)
@@ -160,7 +160,7 @@ def test_non_contiguous_input_is_handled(gen):
     assert_matches_reference(y, reference_dwconv(x, weight, mask, None, (1, 1), (1, 1, 1, 1), (1, 1), "identity"))
 
 
-def test_thread_count_taken_at_call_time(gen):
+def test_thread_count_taken_at_call_time(gen, isa):
     weight = torch.randn(64, 1, 3, 3, generator=gen)
     plan = build_plan(weight, random_mask(64, 3, 3, 0.3, gen))
     x = torch.randn(4, 64, 56, 56, generator=gen)
@@ -182,8 +182,18 @@ def test_thread_count_taken_at_call_time(gen):
     kh=st.sampled_from([1, 3, 5, 7]), kw=st.sampled_from([1, 3, 5, 9]), stride=st.sampled_from([1, 2]),
     dilation=st.sampled_from([1, 2]), keep=st.floats(0.0, 1.0), layout=st.sampled_from(["nchw", "cl"]),
     activation=st.sampled_from(list(ACTIVATIONS)), same=st.booleans(), seed=st.integers(0, 2**31 - 1),
+    isa=st.sampled_from(ISAS),
 )
-def test_random_shapes_hypothesis(n, c, h, w, kh, kw, stride, dilation, keep, layout, activation, same, seed):
+def test_random_shapes_hypothesis(n, c, h, w, kh, kw, stride, dilation, keep, layout, activation, same, seed, isa):
+    previous = _C.cpu_isa()
+    _C.set_cpu_isa(isa)  # drawn, not a fixture: hypothesis reruns the body, a function-scoped fixture would not
+    try:
+        _random_shape_case(n, c, h, w, kh, kw, stride, dilation, keep, layout, activation, same, seed)
+    finally:
+        _C.set_cpu_isa(previous)
+
+
+def _random_shape_case(n, c, h, w, kh, kw, stride, dilation, keep, layout, activation, same, seed):
     gen = torch.Generator().manual_seed(seed)
     padding = "same" if same else (dilation * (kh // 2), dilation * (kw // 2))
     pads = resolve_padding(padding, (kh, kw), (stride,) * 2, (dilation,) * 2, (h, w))
@@ -200,7 +210,7 @@ def test_every_row_width_remainder(gen, isa, layout):
         run_case(gen, n=1, c=3, h=3, w=w, stride=1 + w % 2, padding=1, layout=layout, activation="relu")
 
 
-def test_repeated_calls_reuse_the_validated_geometry(gen):
+def test_repeated_calls_reuse_the_validated_geometry(gen, isa):
     """The eager fast path (cached per input geometry) gives the same results as the first, validated call."""
     weight = torch.randn(24, 1, 5, 5, generator=gen)
     mask = random_mask(24, 5, 5, 0.4, gen)
