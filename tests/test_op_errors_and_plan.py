@@ -151,8 +151,12 @@ def test_block_channel_order_is_a_permutation_that_shrinks_block_unions(channels
     assert order.dtype == torch.long and sorted(order.tolist()) == list(range(channels))
     assert block_lanes(mask) == _lanes_reference(mask)
     assert block_lanes(mask[order]) == _lanes_reference(mask[order])
-    if channels >= 64:  # 8 random patterns of 30% cover most of the window; grouped ones far less
-        assert block_lanes(mask[order]) < 0.8 * block_lanes(mask)
+    assert block_lanes(mask[order]) <= block_lanes(mask)  # never worse than the natural order
+    # 8 random patterns of 30% cover most of the window; grouped ones far less. Bounds with margin over 1,500 seeds
+    # (worst ratio seen: 0.75 at 64x3x3, 0.84 at 100x5x5, where a 25-tap window leaves less to share)
+    bound = {(64, 3): 0.8, (100, 5): 0.9}.get((channels, k))
+    if bound is not None:
+        assert block_lanes(mask[order]) < bound * block_lanes(mask)
 
 
 def test_block_channel_order_groups_identical_patterns_and_respects_splits(gen):
