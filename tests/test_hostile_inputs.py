@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -221,11 +222,16 @@ def _new_model():
                  DepruneConfig.deprune_bh(dw_ratio=0.5, pw_ratio=0.3), input_size=(3, 32, 32)).model
 
 
-def test_a_save_killed_at_any_point_leaves_the_old_model_the_new_one_or_a_clear_refusal(pruned, tmp_path):
+def test_a_save_killed_at_any_point_leaves_the_old_model_or_the_new_one(pruned, tmp_path):
     """SIGKILL a save after each rename into the folder: the folder keeps every file and the user's file survives;
-    loading it gives the old model or the new one, or (files of two saves side by side) a ValueError saying so,
-    never a silent mix; after the last rename the new model loads."""
+    loading it gives the old model (with a warning, from the copies the save kept, while config.json is the old one)
+    or the new one, never a mix or a refusal; after the last rename the new model loads. Twice in a row: a second
+    killed save must not lose the copies the first one kept."""
+    import json
+
     import timm
+
+    from timm_deprune.hub.io import file_digest
 
     target = tmp_path / "out"
     save_pretrained(pruned, target)
@@ -249,29 +255,45 @@ def test_a_save_killed_at_any_point_leaves_the_old_model_the_new_one_or_a_clear_
         os.replace = replace
         save_pretrained(model, {str(target)!r}, overwrite=True)
     """)
+    renames = [0]
+    real_replace = os.replace
+
+    def counting(src, dst):
+        renames[0] += 1
+        real_replace(src, dst)
+    os.replace = counting
+    try:
+        save_pretrained(pruned, target, overwrite=True)  # how many renames a save makes: a kill after each one
+    finally:
+        os.replace = real_replace
     outcomes = []
-    for stop in range(1, len(SAVED) + 1):
+    for stop in range(1, renames[0] + 1):
         save_pretrained(pruned, target, overwrite=True)  # back to the old model before each kill
-        res = subprocess.run([sys.executable, "-c", script, str(stop)], capture_output=True, text=True, timeout=300,
-                             env=child_env())
-        assert res.returncode == -9, res.stderr[-2000:]
-        assert package_line() in res.stdout, res.stdout[:500]
-        names = {p.name for p in target.iterdir()}
-        assert SAVED | {"mine.txt"} <= names, names
-        assert (target / "mine.txt").read_text() == "keep"
-        try:
-            loaded = timm.create_model(f"local-dir:{target}", pretrained=True).eval()
-        except ValueError as e:
-            assert "was not written by the save that wrote its config.json" in str(e), e
-            outcomes.append("refused")
-            continue
-        with torch.no_grad():
-            out = loaded(x)
-        same_old, same_new = torch.allclose(out, old_out, atol=1e-6), torch.allclose(out, new_out, atol=1e-6)
-        assert same_old or same_new, f"kill after rename {stop}: the folder loads a mix of two saves"
-        outcomes.append("old" if same_old else "new")
-    assert outcomes[-1] == "new" and "refused" in outcomes, outcomes  # config.json is renamed last
-    save_pretrained(pruned, target, overwrite=True)  # the killed saves' temp folders are cleaned up
+        # then a second save into the state the first left, killed at its first rename: it must keep what the first
+        # one kept (the old model's copies), not take the first one's new files for the old model's
+        for kill_at in ([stop, 1] if stop < renames[0] else [stop]):
+            res = subprocess.run([sys.executable, "-c", script, str(kill_at)], capture_output=True, text=True,
+                                 timeout=300, env=child_env())
+            assert res.returncode == -9, res.stderr[-2000:]
+            assert package_line() in res.stdout, res.stdout[:500]
+            names = {p.name for p in target.iterdir()}
+            assert SAVED | {"mine.txt"} <= names, names
+            assert (target / "mine.txt").read_text() == "keep"
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                loaded = timm.create_model(f"local-dir:{target}", pretrained=True).eval()
+            with torch.no_grad():
+                out = loaded(x)
+            same_old, same_new = torch.allclose(out, old_out, atol=1e-6), torch.allclose(out, new_out, atol=1e-6)
+            assert same_old or same_new, f"kill after rename {stop}: the folder loads a mix of two saves"
+            recorded = json.loads((target / "config.json").read_text())["model_args"]["deprune"]["files"]
+            replaced = any(file_digest(target / n) != digest for n, digest in recorded.items())  # by a killed save
+            interrupted = [w for w in caught if "was interrupted before it finished" in str(w.message)]
+            assert bool(interrupted) == (same_old and replaced), (stop, [str(w.message) for w in caught])
+            outcomes.append("new" if same_new else "old, from the kept copies" if replaced else "old")
+    assert outcomes[-1] == "new" and "new" not in outcomes[:-1], outcomes  # config.json is renamed last
+    assert "old, from the kept copies" in outcomes, outcomes  # kills between the file renames were reached
+    save_pretrained(pruned, target, overwrite=True)  # the killed saves' temp folders and kept copies are cleaned up
     assert {p.name for p in target.iterdir()} == SAVED | {"mine.txt"}
 
 

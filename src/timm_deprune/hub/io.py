@@ -23,13 +23,15 @@ from ..pruning.plan import PrunePlan
 
 __all__ = ["save_pretrained", "push_to_hub", "from_pretrained", "save_masks", "load_masks", "MASKS_FILE",
            "WEIGHTS_FILE", "SAVED_FILES", "model_plan", "check_masks", "check_weights", "check_files", "file_digest",
-           "hub_file", "hub_plan",
-           "read_config"]
+           "hub_file", "hub_plan", "read_config", "PREVIOUS_DIR", "resolve_saved_files"]
 
 MASKS_FILE = "deprune_masks.safetensors"
 WEIGHTS_FILE = "model.safetensors"
 SAVED_FILES = (WEIGHTS_FILE, MASKS_FILE, "README.md", "config.json")  # what a save writes, in rename order
 _TMP_PREFIX = ".deprune-save-"  # + pid + "-" + random: a save's temp folder inside the target
+# While a save renames its files, the weights and masks config.json records (the previous complete save) are kept
+# here as hard links: a folder whose config.json is still the old one then loads the old model from them.
+PREVIOUS_DIR = ".deprune-previous"
 _MASKS_FORMAT = "deprune-masks"
 _MASKS_VERSION = "1"
 
@@ -99,8 +101,10 @@ def save_pretrained(model: nn.Module, save_directory: Union[str, Path], *, overw
     """Write a pruned model as a folder that ``timm.create_model("local-dir:...")`` and the Hub can load.
 
     Every file is written to a hidden temp folder inside the target, then renamed over its old copy (each file
-    atomically); files of the folder that the save does not write are never touched or deleted. A temp folder
-    left by a killed save is removed by the next save into the same folder.
+    atomically), ``config.json`` last; files of the folder that the save does not write are never touched or
+    deleted. Until ``config.json`` is renamed, the old weights and masks stay reachable (hard links in
+    ``PREVIOUS_DIR``), so a save killed at any point leaves a folder that loads the old model or the new one. A temp
+    folder left by a killed save is removed by the next save into the same folder.
 
     Args:
         model: a pruned model (from :func:`timm_deprune.prune` or a DEPrune load).
@@ -147,10 +151,12 @@ def save_pretrained(model: nn.Module, save_directory: Union[str, Path], *, overw
         mode = tmp.stat().st_mode & 0o666  # the umask's file mode (mkdir applied it); some writers use 0600
         for name in written:
             os.chmod(tmp / name, mode)
+        _keep_previous(target)
         for name in SAVED_FILES:  # config.json last: it is what makes the folder a model
             if (tmp / name).exists():
                 os.replace(tmp / name, target / name)  # each file atomically; nothing else in the folder is touched
         tmp.rmdir()
+        shutil.rmtree(target / PREVIOUS_DIR, ignore_errors=True)  # config.json is the new one: the new model loads
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if created and target.is_dir() and not any(target.iterdir()):
@@ -175,6 +181,58 @@ def _record_files(tmp: Path) -> None:
     config = json.loads(path.read_text())
     config["model_args"]["deprune"]["files"] = {name: file_digest(tmp / name) for name in (WEIGHTS_FILE, MASKS_FILE)}
     path.write_text(json.dumps(config, indent=2))
+
+
+def _recorded(folder: Path) -> dict:
+    """The file digests ``folder/config.json`` records ({} when it has none or cannot be read)."""
+    try:
+        return dict(json.loads((folder / "config.json").read_text())["model_args"]["deprune"].get("files") or {})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _keep_previous(target: Path) -> None:
+    """Hard-link the weights and masks that ``target/config.json`` records into ``PREVIOUS_DIR`` before a save
+    replaces them. Where a killed save already replaced one, the copy kept by that save (digest checked) stays."""
+    prev = target / PREVIOUS_DIR
+    recorded = _recorded(target)
+    if not recorded:
+        shutil.rmtree(prev, ignore_errors=True)
+        return
+    prev.mkdir(exist_ok=True)
+    for name, digest in recorded.items():
+        kept = prev / name
+        if kept.is_file() and file_digest(kept) == digest:
+            continue
+        current = target / name
+        if not (current.is_file() and file_digest(current) == digest):
+            kept.unlink(missing_ok=True)  # nothing of that save left to keep
+            continue
+        link = prev / f"{name}.tmp"
+        link.unlink(missing_ok=True)
+        try:
+            os.link(current, link)
+        except OSError:  # a file system without hard links
+            shutil.copy2(current, link)
+        os.replace(link, kept)
+
+
+def resolve_saved_files(folder: Union[str, Path], names) -> tuple[dict[str, Path], bool]:
+    """Where to read each of ``names`` in a saved folder: the folder's own copy, or, when a save was killed before
+    it renamed ``config.json`` (the folder's copy is the new save's, the config the old one's), the old save's copy
+    in ``PREVIOUS_DIR`` whose digest ``config.json`` records. Returns the paths and whether any is a kept copy."""
+    folder = Path(folder)
+    recorded = _recorded(folder)
+    paths, previous = {}, False
+    for name in names:
+        path = folder / name
+        digest = recorded.get(name)
+        kept = folder / PREVIOUS_DIR / name
+        if (digest is not None and kept.is_file() and not (path.is_file() and file_digest(path) == digest)
+                and file_digest(kept) == digest):
+            path, previous = kept, True
+        paths[name] = path
+    return paths, previous
 
 
 def check_files(plan: Mapping[str, Any], paths: Mapping[str, Union[str, Path]], where: str,

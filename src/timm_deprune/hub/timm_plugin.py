@@ -18,6 +18,7 @@ import contextvars
 import dataclasses
 import functools
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -168,7 +169,8 @@ def _adapt(original):
 
 def _build(model: nn.Module, pending: _Pending) -> nn.Module:
     """Turn the freshly built dense model into the DEPrune variant, before timm loads any weights."""
-    from .io import MASKS_FILE, WEIGHTS_FILE, check_files, check_masks, check_weights, hub_file, hub_plan, load_masks
+    from .io import (MASKS_FILE, WEIGHTS_FILE, check_files, check_masks, check_weights, hub_file, hub_plan, load_masks,
+                     resolve_saved_files)
     from ..pruning.plan import PrunePlan, apply_plan
     from ..pruning.prune import prune
 
@@ -191,10 +193,17 @@ def _build(model: nn.Module, pending: _Pending) -> nn.Module:
     plan = PrunePlan.from_dict(plan_dict)
     if source == "local-dir":
         folder = Path(cfg["file"])
-        masks_file, where = folder / MASKS_FILE, str(folder)
-        if pending.pretrained and not (folder / WEIGHTS_FILE).is_file():
+        where = str(folder)
+        paths, previous = resolve_saved_files(folder, (WEIGHTS_FILE, MASKS_FILE))
+        if previous:  # a save was killed before it renamed config.json: the old model's files are still there
+            warnings.warn(f"{folder}: a save into this folder was interrupted before it finished; loading the"
+                          " model its config.json describes from the copies that save kept", stacklevel=2)
+        masks_file = paths[MASKS_FILE]
+        if pending.pretrained and not paths[WEIGHTS_FILE].is_file():
             raise FileNotFoundError(f"{folder} has no {WEIGHTS_FILE}: DEPrune models load safetensors weights only")
-        weights_file = folder / WEIGHTS_FILE if pending.pretrained else None
+        weights_file = paths[WEIGHTS_FILE] if pending.pretrained else None
+        if weights_file is not None and weights_file.parent != folder:
+            cfg["file"] = str(weights_file.parent)  # the dict timm loads the weights by, next
         weights_name = WEIGHTS_FILE
     else:
         repo = cfg.get("hf_hub_id")
