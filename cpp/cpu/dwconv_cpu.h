@@ -61,7 +61,7 @@ inline int64_t nhwc_scratch_floats(const DWConvShape& s, int64_t entries, bool t
          (nhwc_ring(s) ? 16 + 2 * window_rows(s) * s.W * s.C : 0);
 }
 
-// Loop order of the channels_last kernel, chosen per call by the dispatcher (see dwconv_cpu_nhwc.inc):
+// Loop order of the channels_last kernel, chosen per call by the dispatcher (see dwconv_nhwc.inc):
 // Rows = one unit per (n, oy) output row; Grouped = the same units, bounds-checked pixels in groups;
 // Tiled = one unit per (n, nhwc_tile_blocks channel blocks).
 enum class NhwcOrder { Rows, Grouped, Tiled };

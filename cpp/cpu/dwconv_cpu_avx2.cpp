@@ -13,7 +13,7 @@
 namespace deprune {
 namespace cpu {
 namespace avx2 {
-#include "dwconv_cpu_kernels.inc"
+#include "dwconv_isa.inc"
 }  // namespace avx2
 }  // namespace cpu
 }  // namespace deprune

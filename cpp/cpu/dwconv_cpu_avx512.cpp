@@ -13,7 +13,7 @@
 namespace deprune {
 namespace cpu {
 namespace avx512 {
-#include "dwconv_cpu_kernels.inc"
+#include "dwconv_isa.inc"
 }  // namespace avx512
 }  // namespace cpu
 }  // namespace deprune

@@ -13,7 +13,7 @@
 namespace deprune {
 namespace cpu {
 namespace generic {
-#include "dwconv_cpu_kernels.inc"
+#include "dwconv_isa.inc"
 }  // namespace generic
 }  // namespace cpu
 }  // namespace deprune
