@@ -126,6 +126,8 @@ def test_registered_op_checks_raw_and_edited_plan_tensors(data):
     which = data.draw(st.integers(0, 5), label="tensor")
     how = _arg(data, ["none"], ["dtype", "shorter", "bump", "negative", "2d"], "edit")
     edited = _edit(tensors, which, how, kh * kw) if how != "none" else tensors
+    if all(a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b) for a, b in zip(edited, tensors)):
+        how = "none"  # an edit of an empty tensor (no kept tap) leaves the plan as it was
     x = torch.randn(data.draw(st.integers(1, 2)), _arg(data, [c], [c + 3], "x channels"), 6, 7, generator=gen)
     if data.draw(st.booleans(), label="channels_last"):
         x = x.contiguous(memory_format=torch.channels_last)
