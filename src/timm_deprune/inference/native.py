@@ -110,7 +110,8 @@ def _se_stage(se: nn.Module, where: str) -> Optional[dict]:
     if type(se) not in SQUEEZE_EXCITE_TYPES:
         raise _Unsupported(f"{where}: squeeze-excite {_name(se)} is not timm's efficientnet SqueezeExcite")
     for conv in (se.conv_reduce, se.conv_expand):
-        if type(conv) is not nn.Conv2d or conv.kernel_size != (1, 1) or conv.groups != 1 or conv.bias is None:
+        if (type(conv) not in (nn.Conv2d, ConvAct2d) or getattr(conv, "post_act", "identity") != "identity"
+                or conv.kernel_size != (1, 1) or conv.groups != 1 or conv.bias is None):
             raise _Unsupported(f"{where}: squeeze-excite convs must be plain 1x1 convs with a bias")
     act = activation_name(se.act1)
     gate = _GATES.get(_name(se.gate))
