@@ -19,7 +19,7 @@ from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedRes
 
 from ..kernels.activations import ACTIVATIONS, activation_name
 from ..kernels.backend import backend_available, load_extension
-from ..kernels.block_op import native_block, register_block, registered_block, release_block
+from ..kernels.block_op import is_registered, native_block, register_block, release_block
 from ..kernels.plan import build_plan
 from ..layers import MaskedConv2d
 from .modules import SQUEEZE_EXCITE_TYPES, ConvAct2d
@@ -210,9 +210,16 @@ def native_block_problem(block: nn.Module) -> Optional[str]:
     return None
 
 
-def _source_key(module: nn.Module) -> tuple:
-    return tuple((p._version, p.data_ptr()) for p in module.parameters()) + tuple(
-        (b._version, b.data_ptr()) for b in module.buffers())
+def _tensors(module: nn.Module) -> list:
+    return list(module.parameters()) + list(module.buffers())
+
+
+def _versions(tensors: list) -> tuple:
+    """In-place version counters (-1 for inference tensors, which have none)."""
+    try:
+        return tuple(t._version for t in tensors)
+    except RuntimeError:
+        return tuple(-1 if t.is_inference() else t._version for t in tensors)
 
 
 class _NativeBlockMixin:
@@ -222,31 +229,33 @@ class _NativeBlockMixin:
     _native_out: int = 0
     _native_geometry: tuple = ()
     _native_key: tuple = ()
+    _native_sources: tuple = ()
 
     def _native_repack(self) -> None:
         native, out_channels, geometry = _pack(self)
         release_block(self._native_handle)
         self._native_handle = register_block(native)
-        self._native_out, self._native_geometry = out_channels, tuple(geometry)
-        self._native_key = _source_key(self)
+        self._native_out, self._native_geometry = out_channels, list(geometry)
+        # the tensors packed and their versions: an in-place edit (load_state_dict, mul_) packs again on the next
+        # eager call; a parameter object replaced by assignment is not seen (call _native_repack)
+        self._native_sources = tuple(_tensors(self))
+        self._native_key = _versions(self._native_sources)
 
     def _native_ready(self, x: torch.Tensor) -> bool:
         if self.training or not isinstance(x, torch.Tensor) or x.device.type != "cpu" or x.dtype != torch.float32:
             return False
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+        if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in self._native_sources)):
             return False
         return x.dim() == 4
 
     def forward(self, x):
         if not self._native_ready(x):
             return super().forward(x)
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and (_versions(self._native_sources) != self._native_key
+                                                  or not is_registered(self._native_handle)):
             with torch.no_grad():
-                if _source_key(self) != self._native_key:
-                    self._native_repack()
-                else:
-                    registered_block(self._native_handle)
-        return native_block(x, self._native_handle, self._native_out, list(self._native_geometry))
+                self._native_repack()
+        return native_block(x, self._native_handle, self._native_out, self._native_geometry)
 
 
 class NativeDepthwiseSeparableConv(_NativeBlockMixin, DepthwiseSeparableConv):

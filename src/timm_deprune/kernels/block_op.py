@@ -15,7 +15,7 @@ import torch
 
 from .backend import load_extension
 
-__all__ = ["register_block", "release_block", "registered_block", "block_out_shape", "native_block",
+__all__ = ["register_block", "release_block", "registered_block", "is_registered", "block_out_shape", "native_block",
            "DW_GEOMETRY_FIELDS"]
 
 # Per depth-wise stage in the op's ``dw_geometry``: kh, kw, stride_h, stride_w, top, bottom, left, right (the four
@@ -24,6 +24,9 @@ DW_GEOMETRY_FIELDS = 8
 
 _BLOCKS: dict = {}  # handle -> _C.NativeBlock
 _NEXT = itertools.count(1)
+# Eager fast path: (handle, input shape, input strides) -> (block, output shape, output strides, N, H, W, C), filled
+# after a fully checked call of that exact geometry. Bounded.
+_EAGER: dict = {}
 
 
 def register_block(block) -> int:
@@ -37,7 +40,14 @@ def register_block(block) -> int:
 
 def release_block(handle: int) -> None:
     """Drop a registered block (its weights and workspace); unknown handles are ignored."""
-    _BLOCKS.pop(handle, None)
+    if _BLOCKS.pop(handle, None) is not None:
+        for key in [k for k in _EAGER if k[0] == handle]:
+            del _EAGER[key]
+
+
+def is_registered(handle: int) -> bool:
+    """Whether a block is registered under ``handle``."""
+    return handle in _BLOCKS
 
 
 def registered_block(handle: int):
@@ -109,6 +119,13 @@ def _run(x: torch.Tensor, handle: int, out_channels: int, dw_geometry: Sequence[
     return out
 
 
+def _remember(x: torch.Tensor, handle: int, y: torch.Tensor) -> None:
+    if len(_EAGER) >= 1024:
+        _EAGER.clear()
+    n, c, h, w = x.shape
+    _EAGER[(handle, x.shape, x.stride())] = (_BLOCKS[handle], y.shape, y.stride(), n, h, w, c)
+
+
 @torch.library.custom_op("deprune::native_block", mutates_args=())
 def _native_block_op(x: torch.Tensor, handle: int, out_channels: int, dw_geometry: list[int]) -> torch.Tensor:
     raise ValueError(f"unsupported device {x.device}: the native block runs on the CPU")
@@ -132,4 +149,15 @@ def native_block(x: torch.Tensor, handle: int, out_channels: int, dw_geometry: S
     """
     if torch.compiler.is_compiling():
         return torch.ops.deprune.native_block(x, handle, out_channels, list(dw_geometry))
-    return _run(x, handle, out_channels, dw_geometry, out)
+    if out is None and isinstance(x, torch.Tensor):
+        hit = _EAGER.get((handle, x.shape, x.stride()))
+        if hit is not None and x.dtype == torch.float32 and x.device.type == "cpu" and not (
+                x.requires_grad and torch.is_grad_enabled()):
+            block, shape, strides, n, h, w, c = hit  # this exact geometry passed every check before
+            y = torch.empty_strided(shape, strides)
+            block.run(x.data_ptr(), y.data_ptr(), n, h, w, c, torch.get_num_threads())
+            return y
+    y = _run(x, handle, out_channels, dw_geometry, out)
+    if out is None and x.is_contiguous(memory_format=torch.channels_last):
+        _remember(x, handle, y)
+    return y
