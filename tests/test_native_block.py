@@ -275,3 +275,21 @@ def test_torch_compile_fullgraph_and_export(gen):
     assert "deprune.native_block.default" in targets, targets
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["ir", "uir_extra", "ds"])
+def test_batches_run_image_by_image_on_several_threads(kind, gen):
+    block = _make_block(kind, 1, 3, True, True, gen, index=2)
+    native = _nativize(block, (16, 7, 7))
+    x = torch.randn(5, 16, 9, 11, generator=gen)  # 5 images on 2 threads: the image-by-image order
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _check(block, native, x, f"{kind} batch 5 on 2 threads")
+        with torch.no_grad():
+            two = native(x)
+            torch.set_num_threads(1)
+            one = native(x)  # the stage-by-stage order: the same sums
+        assert torch.equal(one, two)
+    finally:
+        torch.set_num_threads(threads)

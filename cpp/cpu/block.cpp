@@ -23,6 +23,9 @@ std::string dims_str(const BlockDims& d) { return "H=" + str(d.H) + " W=" + str(
 
 // Channels per squeeze-excite pooling task: long enough runs of one pixel's channels, enough tasks at batch 1.
 constexpr int64_t kPoolChunk = 64;
+// Image-by-image execution (see run): at least this many images per thread, and intermediates of at most this size.
+constexpr int64_t kImagesPerThread = 2;
+constexpr int64_t kImageBytesMax = 16 << 20;
 
 float gate_value(float v, Gate g) {
   if (g == Gate::HardSigmoid) {
@@ -199,9 +202,10 @@ BlockDims NativeBlock::out_dims(const BlockDims& in) const {
   return d;
 }
 
-void NativeBlock::run_se(const BlockSE& se, float* x, int64_t N, const BlockDims& d, int threads) {
+void NativeBlock::run_se(const BlockSE& se, float* x, int64_t N, const BlockDims& d, int threads,
+                         Buffer& se_ws) {
   const int64_t C = se.C, R = se.R, P = d.H * d.W;
-  float* pooled = se_ws_.reserve(N * (2 * C + R));
+  float* pooled = se_ws.reserve(N * (2 * C + R));
   float* hidden = pooled + N * C;
   float* gate = hidden + N * R;
   const int64_t chunks = (C + kPoolChunk - 1) / kPoolChunk;
@@ -260,16 +264,38 @@ void NativeBlock::run(const float* x, float* y, int64_t N, const BlockDims& in, 
   if (!x || !y) throw std::invalid_argument("block input and output pointers must be non-null");
   if (N < 1) throw std::invalid_argument("batch must be >= 1, got " + str(N));
   if (num_threads < 1) throw std::invalid_argument("threads must be >= 1, got " + str(num_threads));
-  const BlockDims out = out_dims(in);
-  std::lock_guard<std::mutex> lock(mu_);
-  const int64_t steps = stages();
+  out_dims(in);  // checks the whole chain
   std::vector<BlockDims> dims(1, in);
-  int64_t widest = 0;
-  for (int64_t i = 0; i < steps; ++i) {
-    dims.push_back(step_dims(order_[i], dims.back()));
-    if (i + 1 < steps) widest = std::max(widest, N * dims.back().H * dims.back().W * dims.back().C);
+  for (const Step& s : order_) dims.push_back(step_dims(s, dims.back()));
+  std::lock_guard<std::mutex> lock(mu_);
+  const int64_t widest = per_image_floats(dims);
+  // Batches of at least kImagesPerThread images per thread run image by image, one image per task on one thread:
+  // each image's intermediate activations (a few MB at most) stay in that core's caches instead of the whole
+  // batch's going through memory between stages (measured in BENCHMARKS.md, 2026-12-04).
+  if (num_threads > 1 && N >= kImagesPerThread * num_threads && widest * 4 <= kImageBytesMax) {
+    const int64_t in_floats = in.H * in.W * in.C, out_floats = dims.back().H * dims.back().W * dims.back().C;
+    parallel_for(static_cast<int>(N), num_threads, [&](int n) {
+      thread_local Buffer ws[2], se_ws;
+      run_stages(x + n * in_floats, y + n * out_floats, 1, dims, 1, ws, se_ws);
+    });
+    return;
   }
-  float* buf[2] = {ws_[0].reserve(std::max<int64_t>(widest, 1)), ws_[1].reserve(std::max<int64_t>(widest, 1))};
+  run_stages(x, y, N, dims, num_threads, ws_, se_ws_);
+}
+
+int64_t NativeBlock::per_image_floats(const std::vector<BlockDims>& dims) const {
+  int64_t widest = 1;
+  for (size_t i = 1; i + 1 < dims.size(); ++i) widest = std::max(widest, dims[i].H * dims[i].W * dims[i].C);
+  return widest;
+}
+
+void NativeBlock::run_stages(const float* x, float* y, int64_t N, const std::vector<BlockDims>& dims, int threads,
+                             Buffer* ws, Buffer& se_ws) {
+  const int64_t steps = stages();
+  const BlockDims& in = dims.front();
+  const BlockDims& out = dims.back();
+  const int64_t widest = N * per_image_floats(dims);
+  float* buf[2] = {ws[0].reserve(widest), ws[1].reserve(widest)};
   const float* cur = x;
   int next = 0;
   for (int64_t i = 0; i < steps; ++i) {
@@ -278,14 +304,14 @@ void NativeBlock::run(const float* x, float* y, int64_t N, const BlockDims& in, 
     const BlockDims& dout = dims[i + 1];
     const bool last = i + 1 == steps;
     if (s.kind == Kind::SE) {  // never first: cur is a workspace buffer
-      run_se(se_[s.index], const_cast<float*>(cur), N, din, num_threads);
+      run_se(se_[s.index], const_cast<float*>(cur), N, din, threads, se_ws);
       continue;
     }
     float* dst = last ? y : buf[next];
     if (s.kind == Kind::PW) {
       const GemmArgs g{N * din.H * din.W, cur, din.C, dst, dout.C, last && residual_ ? x : nullptr, in.C,
                        pw_act_[s.index]};
-      gemm(*pw_[s.index], g, num_threads);
+      gemm(*pw_[s.index], g, threads);
     } else {
       const BlockDW& d = dw_[s.index];
       int32_t pads[4];
@@ -300,11 +326,11 @@ void NativeBlock::run(const float* x, float* y, int64_t N, const BlockDims& in, 
       a.layout = Layout::NHWC;
       a.x = cur;
       a.y = dst;
-      sparse_dwconv2d(a, num_threads);
+      sparse_dwconv2d(a, threads);
       if (last && residual_) {
         const int64_t total = N * out.H * out.W * out.C;
-        const int64_t tasks = std::min<int64_t>(4 * num_threads, std::max<int64_t>(1, total / 16384));
-        parallel_for(static_cast<int>(tasks), num_threads, [&](int t) {
+        const int64_t tasks = std::min<int64_t>(4 * threads, std::max<int64_t>(1, total / 16384));
+        parallel_for(static_cast<int>(tasks), threads, [&](int t) {
           const int64_t b = total * t / tasks, e = total * (t + 1) / tasks;
           for (int64_t j = b; j < e; ++j) dst[j] += x[j];
         });

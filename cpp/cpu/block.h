@@ -70,17 +70,6 @@ class NativeBlock {
     Kind kind;
     int64_t index;  // into pw_ / dw_ / se_
   };
-  BlockDims step_dims(const Step& s, const BlockDims& in) const;
-  void resolve_pads(const BlockDW& d, const BlockDims& in, int32_t* pads, int64_t* oh, int64_t* ow) const;
-  void run_se(const BlockSE& se, float* x, int64_t N, const BlockDims& d, int threads);
-
-  std::vector<Step> order_;
-  std::vector<std::unique_ptr<PackedGemm>> pw_;
-  std::vector<Activation> pw_act_;
-  std::vector<BlockDW> dw_;
-  std::vector<BlockSE> se_;
-  bool residual_ = false;
-  std::mutex mu_;
   // 64-byte aligned floats, grown (never shrunk) to the largest call's need; contents are scratch.
   struct Buffer {
     struct Free {
@@ -90,6 +79,22 @@ class NativeBlock {
     int64_t size = 0;
     float* reserve(int64_t n);
   };
+  BlockDims step_dims(const Step& s, const BlockDims& in) const;
+  // Floats of one image's widest intermediate activation (dims: the input, then each stage's output).
+  int64_t per_image_floats(const std::vector<BlockDims>& dims) const;
+  // The stages on N images with `threads` threads per kernel call, through workspace buffers ws[0..1] and se_ws.
+  void run_stages(const float* x, float* y, int64_t N, const std::vector<BlockDims>& dims, int threads,
+                  Buffer* ws, Buffer& se_ws);
+  void resolve_pads(const BlockDW& d, const BlockDims& in, int32_t* pads, int64_t* oh, int64_t* ow) const;
+  void run_se(const BlockSE& se, float* x, int64_t N, const BlockDims& d, int threads, Buffer& se_ws);
+
+  std::vector<Step> order_;
+  std::vector<std::unique_ptr<PackedGemm>> pw_;
+  std::vector<Activation> pw_act_;
+  std::vector<BlockDW> dw_;
+  std::vector<BlockSE> se_;
+  bool residual_ = false;
+  std::mutex mu_;
   Buffer ws_[2], se_ws_;
 };
 
