@@ -293,3 +293,13 @@ def test_batches_run_image_by_image_on_several_threads(kind, gen):
         assert torch.equal(one, two)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("kind,stride,k,cin,size", [("ir", 2, 3, 32, 64), ("ir", 1, 3, 32, 80), ("ds", 1, 5, 64, 64)])
+@pytest.mark.parametrize("se", [False, True])
+def test_wide_images_run_in_bands_with_halo_rows(kind, stride, k, cin, size, se, gen):
+    # Expanded rows of 32-41 KB: the banded order (cpp/cpu/block_banded.cpp) takes 7-28 output rows per band, so
+    # every image runs as 3-8 bands whose depth-wise windows reach into the neighbouring bands' rows.
+    block = _make_block(kind, stride, k, se, stride == 1, gen, index=1, cin=cin)
+    native = _nativize(block, (cin, 9, 9))
+    _check(block, native, torch.randn(2, cin, size, size, generator=gen), f"{kind} s{stride} k{k} {size}px bands")

@@ -202,6 +202,24 @@ BlockDims NativeBlock::out_dims(const BlockDims& in) const {
   return d;
 }
 
+void NativeBlock::se_fc_gate(const BlockSE& se, const float* s, float* h, float* g) const {
+  const int64_t C = se.C, R = se.R;
+  for (int64_t r = 0; r < R; ++r) h[r] = se.b1[r];
+  for (int64_t c = 0; c < C; ++c) {
+    const float sc = s[c];
+    const float* w = se.w1.data() + c * R;
+    for (int64_t r = 0; r < R; ++r) h[r] += w[r] * sc;
+  }
+  for (int64_t r = 0; r < R; ++r) h[r] = apply_activation(h[r], se.act);
+  for (int64_t c = 0; c < C; ++c) g[c] = se.b2[c];
+  for (int64_t r = 0; r < R; ++r) {
+    const float hr = h[r];
+    const float* w = se.w2.data() + r * C;
+    for (int64_t c = 0; c < C; ++c) g[c] += w[c] * hr;
+  }
+  for (int64_t c = 0; c < C; ++c) g[c] = gate_value(g[c], se.gate);
+}
+
 void NativeBlock::run_se(const BlockSE& se, float* x, int64_t N, const BlockDims& d, int threads,
                          Buffer& se_ws) {
   const int64_t C = se.C, R = se.R, P = d.H * d.W;
@@ -226,25 +244,7 @@ void NativeBlock::run_se(const BlockSE& se, float* x, int64_t N, const BlockDims
     }
     for (int64_t j = 0; j < nc; ++j) pooled[n * C + c0 + j] = static_cast<float>(total[j] / static_cast<double>(P));
   });
-  for (int64_t n = 0; n < N; ++n) {
-    float* h = hidden + n * R;
-    const float* s = pooled + n * C;
-    for (int64_t r = 0; r < R; ++r) h[r] = se.b1[r];
-    for (int64_t c = 0; c < C; ++c) {
-      const float sc = s[c];
-      const float* w = se.w1.data() + c * R;
-      for (int64_t r = 0; r < R; ++r) h[r] += w[r] * sc;
-    }
-    for (int64_t r = 0; r < R; ++r) h[r] = apply_activation(h[r], se.act);
-    float* g = gate + n * C;
-    for (int64_t c = 0; c < C; ++c) g[c] = se.b2[c];
-    for (int64_t r = 0; r < R; ++r) {
-      const float hr = h[r];
-      const float* w = se.w2.data() + r * C;
-      for (int64_t c = 0; c < C; ++c) g[c] += w[c] * hr;
-    }
-    for (int64_t c = 0; c < C; ++c) g[c] = gate_value(g[c], se.gate);
-  }
+  for (int64_t n = 0; n < N; ++n) se_fc_gate(se, pooled + n * C, hidden + n * R, gate + n * C);
   // The gate scales the activation once, in place; rows split into tasks over all images.
   const int64_t rows = N * d.H;
   const int scale_threads = static_cast<int>(std::min<int64_t>(threads, std::max<int64_t>(1, N * P * C / 32768)));
@@ -268,8 +268,9 @@ void NativeBlock::run(const float* x, float* y, int64_t N, const BlockDims& in, 
   std::vector<BlockDims> dims(1, in);
   for (const Step& s : order_) dims.push_back(step_dims(s, dims.back()));
   std::lock_guard<std::mutex> lock(mu_);
+  if (run_banded(x, y, N, dims, num_threads)) return;
   const int64_t widest = per_image_floats(dims);
-  // Batches of at least kImagesPerThread images per thread run image by image, one image per task on one thread:
+  // Other block shapes (UIR with dw_start / dw_end): batches of at least kImagesPerThread images per thread run image by image, one image per task on one thread:
   // each image's intermediate activations (a few MB at most) stay in that core's caches instead of the whole
   // batch's going through memory between stages (measured in BENCHMARKS.md, 2026-12-04).
   if (num_threads > 1 && N >= kImagesPerThread * num_threads && widest * 4 <= kImageBytesMax) {

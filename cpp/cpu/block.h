@@ -87,6 +87,11 @@ class NativeBlock {
                   Buffer* ws, Buffer& se_ws);
   void resolve_pads(const BlockDW& d, const BlockDims& in, int32_t* pads, int64_t* oh, int64_t* ow) const;
   void run_se(const BlockSE& se, float* x, int64_t N, const BlockDims& d, int threads, Buffer& se_ws);
+  // Squeeze-excite of one image from its pooled means s [C]: hidden h [R], gate g [C].
+  void se_fc_gate(const BlockSE& se, const float* s, float* h, float* g) const;
+  // [PW-expand] -> DW -> [SE] -> PW-project, tiled over bands of output rows (see block_banded.cpp); false when
+  // the block has another shape.
+  bool run_banded(const float* x, float* y, int64_t N, const std::vector<BlockDims>& dims, int threads);
 
   std::vector<Step> order_;
   std::vector<std::unique_ptr<PackedGemm>> pw_;
