@@ -303,3 +303,21 @@ def test_wide_images_run_in_bands_with_halo_rows(kind, stride, k, cin, size, se,
     block = _make_block(kind, stride, k, se, stride == 1, gen, index=1, cin=cin)
     native = _nativize(block, (cin, 9, 9))
     _check(block, native, torch.randn(2, cin, size, size, generator=gen), f"{kind} s{stride} k{k} {size}px bands")
+
+
+def test_fuse_and_onnx_export_restore_the_timm_block(gen, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from timm.models import reparameterize_model
+
+    from timm_deprune.inference.export import export_onnx
+    block, native = _simple_native(gen)
+    model = nn.Sequential(nn.Conv2d(8, 16, 1), native).eval()
+    x = torch.randn(2, 8, 7, 7, generator=gen)
+    with torch.no_grad():
+        expected = model(x)
+        path = export_onnx(model, tmp_path / "m.onnx", input_size=(8, 7, 7))  # checked in ORT against the model
+        assert type(model[1]) is NATIVE_BLOCK_TYPES[InvertedResidual]  # export works on a copy
+        plain = reparameterize_model(model)
+        assert not any(type(m) in NATIVE_BLOCK_TYPES.values() for m in plain.modules())
+        torch.testing.assert_close(plain(x), expected, rtol=1e-5, atol=1e-5)
+    assert path.is_file()

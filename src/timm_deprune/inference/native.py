@@ -248,6 +248,14 @@ class _NativeBlockMixin:
             return False
         return x.dim() == 4
 
+    def fuse(self) -> nn.Module:
+        """This block as its plain timm class again (the packed copy released): what timm's
+        ``reparameterize_model`` and :func:`~timm_deprune.inference.export.export_onnx` call before exporting."""
+        release_block(self._native_handle)
+        self._native_handle = 0
+        self.__class__ = _PLAIN_TYPES[type(self)]
+        return self
+
     def forward(self, x):
         if not self._native_ready(x):
             return super().forward(x)
@@ -273,6 +281,7 @@ class NativeUniversalInvertedResidual(_NativeBlockMixin, UniversalInvertedResidu
 NATIVE_BLOCK_TYPES = {DepthwiseSeparableConv: NativeDepthwiseSeparableConv,
                       InvertedResidual: NativeInvertedResidual,
                       UniversalInvertedResidual: NativeUniversalInvertedResidual}
+_PLAIN_TYPES = {native: plain for plain, native in NATIVE_BLOCK_TYPES.items()}
 
 
 @torch.no_grad()
