@@ -16,7 +16,8 @@
 namespace py = pybind11;
 using namespace deprune;
 
-void bind_gemm(py::module_& m);  // gemm_bindings.cpp: the packed point-wise GEMM
+void bind_gemm(py::module_& m);   // gemm_bindings.cpp: the packed point-wise GEMM
+void bind_block(py::module_& m);  // block_bindings.cpp: a whole depth-wise separable block
 
 namespace {
 
@@ -154,4 +155,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("has_openmp", &cpu::has_openmp, "Whether the CPU kernels were built with OpenMP (multi-threaded).");
   m.attr("CHANNEL_BLOCK") = kChannelBlock;
   bind_gemm(m);
+  bind_block(m);
 }

@@ -162,6 +162,9 @@ void run(const cpu::PackedGemm& w, const py::buffer& input, const py::buffer& ou
 }  // namespace
 
 void bind_gemm(py::module_& m) {
+  m.def("gemm_isa", [] { return std::string(cpu::gemm_isa()); },
+        "Instruction set of the point-wise GEMM: the CPU kernels' when forced (DEPRUNE_CPU_ISA, set_cpu_isa),"
+        " otherwise AVX-512 where the CPU has it.");
   py::class_<cpu::PackedGemm>(m, "PackedGemm",
                               "Point-wise (1x1) conv weights packed once for the native SGEMM: run() computes"
                               " output = act(input @ W.T + bias) + residual on channels-last rows.")

@@ -10,6 +10,7 @@ with inductor's freezing) and dense ONNX Runtime against DEPrune-BH (DW 71%, PW 
 with our kernels (element masks in the layout optimize_for_inference picks: channels_last with reordered channels on
 CPU; block:8 masks in channels_last, eager and compiled with and without
 freezing) and pruned-dense ONNX Runtime; interleaved, medians; --json / --plot.
+kernels: point-wise GEMMs per shape (ours vs oneDNN vs ONNX Runtime vs peak) and single blocks (scripts/bench_kernels.py).
 prune: wall time to decide every mask (DW taps and PW channels) of a model, the pruning overhead reviewers of
 the paper asked for; the surgery and the FLOPs trace are not counted.
 """
@@ -34,6 +35,9 @@ from timm_deprune.pruning.select import select_dw_taps
 from timm_deprune.kernels.backend import load_extension
 from timm_deprune.kernels.activations import ACTIVATIONS
 from timm_deprune.kernels.geometry import resolve_padding
+
+from bench_kernels import add_parser as add_kernels_parser
+from bench_report import MODEL_VARIANTS, best_eager, model_markdown, plot_model
 
 
 @dataclass(frozen=True)
@@ -266,22 +270,6 @@ def run_prune(args: argparse.Namespace) -> None:
               f" PW layers)")
 
 
-MODEL_VARIANTS = {
-    # key: (label, pruned?) -- order is the order of the table and the plot
-    "dense_nchw": "dense eager NCHW",
-    "dense_cl": "dense eager channels_last",
-    "dense_compile": "dense torch.compile (channels_last)",
-    "dense_compile_freeze": "dense torch.compile, freezing (channels_last)",
-    "dense_ort": "dense ONNX Runtime",
-    "masked_dense": "DEPrune-BH masked dense eager",
-    "ours_element": "DEPrune-BH optimised, element masks, auto layout (ours)",
-    "ours_block": "DEPrune-BH block:8 optimised, channels_last (ours)",
-    "ours_block_compile": "DEPrune-BH block:8 optimised + torch.compile (ours)",
-    "ours_block_compile_freeze": "DEPrune-BH block:8 optimised + torch.compile, freezing (ours)",
-    "pruned_ort": "DEPrune-BH block:8 pruned-dense ONNX Runtime",
-}
-
-
 def run_model(args: argparse.Namespace) -> None:
     import copy
     import json
@@ -334,13 +322,17 @@ def run_model(args: argparse.Namespace) -> None:
                                                       granularity="block:8")).model.eval()
         if device.type != "cpu":  # pruned on the CPU (ONNX export below also reads these CPU models)
             dense, element, block = (copy.deepcopy(m).to(device) for m in (dense, element, block))
-        ours_element = optimize_for_inference(element)  # auto: channels_last + reordered channels on CPU
+        # auto: channels_last + reordered channels on CPU; native blocks on CPU unless native_blocks=False
+        ours_element = optimize_for_inference(element, native_blocks=False)
+        ours_native = optimize_for_inference(element)
         models = {
             "dense_nchw": (dense, False),
             "dense_cl": (copy.deepcopy(dense).to(**cl), True),
             "masked_dense": (set_execution(copy.deepcopy(element), "dense"), False),
             "ours_element": (ours_element, ours_element.deprune_inference_stats["channels_last"]),
-            "ours_block": (optimize_for_inference(block, channels_last=True), True),
+            "ours_block": (optimize_for_inference(block, channels_last=True, native_blocks=False), True),
+            "ours_native": (ours_native, ours_native.deprune_inference_stats["channels_last"]),
+            "ours_native_block": (optimize_for_inference(block, channels_last=True), True),
         }
         if "dense_compile" not in skip:
             models["dense_compile"] = (torch.compile(copy.deepcopy(dense).to(**cl)), True)
@@ -380,68 +372,24 @@ def run_model(args: argparse.Namespace) -> None:
             samples = {k: [] for k in variants}
             for _ in range(args.repeats):
                 for k, fn in variants.items():
+                    # fair interleaving: the previous runtime's worker threads (PyTorch's OpenMP pool, ORT's) stop
+                    # spinning during the pause, and one untimed call warms this variant's caches and threads
+                    time.sleep(0.05)
+                    fn()
                     samples[k].append(_time(fn, inner))
             med = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
-            eager = _best_eager(med)
+            eager = best_eager(med)
             for k, v in med.items():
                 print(f"{name:22s} b{batch:<3d} {MODEL_VARIANTS[k]:52s} {v:9.2f} ms   {eager / v:5.2f}x vs best eager")
             results["rows"].append({"model": name, "batch": batch, "ms": med})
             print(f"{name} b{batch} done", file=sys.stderr)
     tmp.cleanup()
-    print(_model_markdown(results))
+    print(model_markdown(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
     if args.plot:
         plot_model(results, args.plot)
-
-
-def _best_eager(ms: dict) -> float:
-    """The reference of every ratio: the faster dense eager layout that was measured."""
-    return min(ms[k] for k in ("dense_nchw", "dense_cl") if k in ms)
-
-
-def _model_markdown(results: dict) -> str:
-    lines = []
-    for row in results["rows"]:
-        ms = row["ms"]
-        eager = _best_eager(ms)
-        lines.append(f"\n{row['model']}, batch {row['batch']}\n")
-        lines.append("| variant | ms | vs best dense eager | ours (block:8, eager) vs this |")
-        lines.append("|---|---:|---:|---:|")
-        ours = ms.get("ours_block")
-        for k, v in ms.items():
-            rel = f"{v / ours:.2f}x" if ours else "-"
-            lines.append(f"| {MODEL_VARIANTS[k]} | {v:.2f} | {eager / v:.2f}x | {rel} |")
-    return "\n".join(lines)
-
-
-def plot_model(results: dict, path: str) -> None:
-    """Bar chart: speed-up of every variant over the best dense eager layout, one group per (model, batch)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = results["rows"]
-    keys = [k for k in MODEL_VARIANTS if any(k in r["ms"] for r in rows)]
-    fig, ax = plt.subplots(figsize=(max(8, 2.2 * len(rows)), 6.5))
-    width = 0.8 / len(keys)
-    for i, k in enumerate(keys):
-        vals = [_best_eager(r["ms"]) / r["ms"][k] if k in r["ms"] else 0 for r in rows]
-        ax.bar([j + i * width for j in range(len(rows))], vals, width, label=MODEL_VARIANTS[k], color=plt.cm.tab20(i),
-               hatch="//" if k.startswith(("ours", "masked")) or k == "pruned_ort" else None)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))])
-    ax.set_xticklabels([f"{r['model']}\nbatch {r['batch']}" for r in rows], fontsize=8)
-    ax.set_ylabel("speed-up vs best dense eager (higher is faster)")
-    ax.set_title(results["header"].lstrip("# "), fontsize=7)
-    ax.set_ylim(0, max(ax.get_ylim()[1], 1.0) * 1.05)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.14))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}", file=sys.stderr)
 
 
 def main() -> None:
@@ -486,6 +434,7 @@ def main() -> None:
     p.add_argument("--pw-ratio", type=float, default=0.3)
     p.add_argument("--repeats", type=int, default=7)
     p.set_defaults(fn=run_prune)
+    add_kernels_parser(sub)
     args = parser.parse_args()
     args.fn(args)
 

@@ -28,10 +28,11 @@ def test_model_benchmark_writes_table_json_and_plot(tmp_path):
     data = json.loads((tmp_path / "r.json").read_text())
     (row,) = data["rows"]
     assert row["model"] == "mobilenetv3_small_050" and row["batch"] == 1
-    assert set(row["ms"]) == {"dense_nchw", "dense_cl", "masked_dense", "ours_element", "ours_block"}
+    assert set(row["ms"]) == {"dense_nchw", "dense_cl", "masked_dense", "ours_element", "ours_block", "ours_native",
+                              "ours_native_block"}
     assert all(v > 0 for v in row["ms"].values())
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| DEPrune-BH block:8 optimised, channels_last (ours) |" in out
+    assert "| DEPrune-BH optimised, element masks, native blocks (ours, default) |" in out
 
 
 def test_dwconv_benchmark_with_block_masks(tmp_path):
@@ -45,3 +46,10 @@ def test_dwconv_benchmark_with_reordered_channels():
                "--reorder-channels")
     assert "channels reordered (block_channel_order)" in out and "| mobilenetv3_small_050 | 1 | 29% |" in out
     assert "| ours CL natural order ms | reordering gain |" in out
+
+
+def test_kernels_benchmark_times_pointwise_shapes_and_blocks():
+    out = _run("kernels", "--model", "mobilenetv3_small_050", "--batch", "1", "--repeats", "1")
+    assert "peak = torch.mm 2048x2048" in out
+    assert "| 1 | 56x56 | 16 | 8 | 3136 |" in out or "| 1 | 28x28 |" in out  # a point-wise row
+    assert "| 1 | all blocks |" in out

@@ -45,10 +45,15 @@ const IsaKernels* find(const char* name) {
   return nullptr;
 }
 
+std::atomic<bool> g_forced{false};  // the ISA was named by DEPRUNE_CPU_ISA or set_isa
+
 const IsaKernels* best() {
   if (const char* env = std::getenv("DEPRUNE_CPU_ISA")) {
     const IsaKernels* k = find(env);
-    if (k && supported(*k)) return k;
+    if (k && supported(*k)) {
+      g_forced.store(true, std::memory_order_release);
+      return k;
+    }
   }
   // AVX-512 is opt-in (DEPRUNE_CPU_ISA=avx512 or set_cpu_isa) until it has been verified on such a CPU:
   // the development machines have none, so the default never runs code no test has executed.
@@ -111,6 +116,11 @@ NhwcOrder nhwc_order(const DWConvShape& s, int64_t entries, bool far_output) {
 
 const char* isa() { return current().name; }
 
+bool isa_forced() {
+  current();  // reads DEPRUNE_CPU_ISA on first use
+  return g_forced.load(std::memory_order_acquire);
+}
+
 bool isa_supported(const char* name) {
   const IsaKernels* k = find(name);
   return k && supported(*k);
@@ -122,6 +132,7 @@ void set_isa(const char* name) {
                                       "', expected one of: avx512, avx2, generic");
   if (!supported(*k)) throw std::invalid_argument(std::string("this CPU does not support '") + name + "'");
   g_isa.store(k, std::memory_order_release);
+  g_forced.store(true, std::memory_order_release);
 }
 
 void sparse_dwconv2d(const DWConvArgs& a, int num_threads) {

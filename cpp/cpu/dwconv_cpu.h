@@ -111,6 +111,8 @@ void sparse_dwconv2d(const DWConvArgs& args, int num_threads);
 // Name of the instruction set the kernels dispatch to: "avx512", "avx2" or "generic" (the best this CPU
 // supports, unless overridden by set_isa or the DEPRUNE_CPU_ISA environment variable).
 const char* isa();
+// Whether the instruction set was named (DEPRUNE_CPU_ISA or set_isa) rather than picked.
+bool isa_forced();
 // Forces an instruction set (for tests and benchmarks); throws std::invalid_argument if the CPU lacks it.
 void set_isa(const char* name);
 // Whether this CPU (and OS) can run the named instruction set.

@@ -24,7 +24,12 @@ float* alloc_floats(int64_t n) {
   return static_cast<float*>(p);
 }
 
+// The DW kernels' ISA when it was named (DEPRUNE_CPU_ISA, set_cpu_isa: tests run every ISA); otherwise AVX-512
+// wherever the CPU has it: its 32 registers hold a 12x32 tile (the AVX2 one is 6x16), 1.3-2x the GFLOP/s of AVX2
+// on efficientnet_b0's point-wise shapes on the 2-core AMD EPYC dev VM (BENCHMARKS.md, 2026-12-04). The DW kernels
+// keep AVX2 by default: there AVX-512 measured no faster.
 const GemmIsa& current_gemm() {
+  if (!isa_forced() && isa_supported("avx512")) return avx512::kGemm;
   const char* name = isa();
   if (std::strcmp(name, "avx512") == 0) return avx512::kGemm;
   if (std::strcmp(name, "avx2") == 0) return avx2::kGemm;
@@ -58,6 +63,11 @@ PackedGemm::PackedGemm(const float* w, int64_t N, int64_t K, int64_t stride_n, i
       for (int64_t j = 0; j < cols; ++j) dst[k * kGemmPanel + j] = w[(n0 + j) * stride_n + k * stride_k];
   }
   if (bias) std::memcpy(bias_.get(), bias, static_cast<size_t>(N) * sizeof(float));
+}
+
+const char* gemm_isa() {
+  const GemmIsa& k = current_gemm();
+  return &k == &avx512::kGemm ? "avx512" : &k == &avx2::kGemm ? "avx2" : "generic";
 }
 
 bool gemm_supports(Activation act) {

@@ -52,6 +52,9 @@ struct GemmArgs {
 // c = act(a * B + bias) + residual on up to num_threads threads. Throws std::invalid_argument on bad sizes.
 void gemm(const PackedGemm& w, const GemmArgs& args, int num_threads);
 
+// Instruction set of the GEMM micro-kernels: the DW kernels' when forced, else the best this CPU has.
+const char* gemm_isa();
+
 // Whether the epilogue implements this activation.
 bool gemm_supports(Activation act);
 

@@ -321,7 +321,9 @@ def _bench(args: argparse.Namespace) -> None:
     cl = {"memory_format": torch.channels_last}
     layout = {"auto": "auto", "on": True, "off": False}[args.channels_last]
     optimized = optimize_for_inference(pruned, channels_last=layout, input_size=size)
+    torch_ops = optimize_for_inference(pruned, channels_last=layout, input_size=size, native_blocks=False, check=False)
     use_cl = optimized.deprune_inference_stats["channels_last"]
+    native = optimized.deprune_inference_stats["native_blocks"]
     layout_name = "channels_last" if use_cl else "NCHW"
     if optimized.deprune_inference_stats["reordered_blocks"]:
         layout_name += ", channels reordered"
@@ -331,7 +333,8 @@ def _bench(args: argparse.Namespace) -> None:
         f"dense {arch}, eager NCHW": (dense, x),
         f"dense {arch}, eager channels_last": (copy.deepcopy(dense).to(**cl), x_cl),
         "pruned, as loaded (masked dense)": (timm_deprune.set_execution(copy.deepcopy(pruned), "dense"), x),
-        f"pruned, optimised ({layout_name}, sparse kernels)": (optimized, x_cl if use_cl else x),
+        f"pruned, optimised ({layout_name}, sparse DW, PyTorch 1x1 convs)": (torch_ops, x_cl if use_cl else x),
+        f"pruned, optimised ({layout_name}, {native} native blocks)": (optimized, x_cl if use_cl else x),
     }
     if args.compile:
         variants["pruned, optimised + torch.compile"] = (torch.compile(optimized), x_cl if use_cl else x)
@@ -341,6 +344,8 @@ def _bench(args: argparse.Namespace) -> None:
             model(inp)
         for _ in range(args.repeats):
             for k, (model, inp) in variants.items():
+                time.sleep(0.05)  # the previous variant's worker threads stop spinning; one untimed call warms this one
+                model(inp)
                 t0 = time.perf_counter()
                 model(inp)
                 samples[k].append(time.perf_counter() - t0)

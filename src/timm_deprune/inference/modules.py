@@ -18,7 +18,8 @@ from ..data import model_input_size
 from ..kernels.activations import ACTIVATION_TABLE, activation_name
 from .fold import conv_reader_pairs
 
-__all__ = ["fast_squeeze_excite", "fuse_conv_activations", "ConvAct2d", "plain_conv", "ONEDNN_OK"]
+__all__ = ["fast_squeeze_excite", "fuse_conv_activations", "ConvAct2d", "plain_conv", "ONEDNN_OK",
+           "SQUEEZE_EXCITE_TYPES"]
 
 
 class _LinearSqueezeExcite(SqueezeExcite):
@@ -41,6 +42,9 @@ class _LinearSqueezeExcite(SqueezeExcite):
             return x.mul_(gate)
         return x * gate
 
+
+# timm's efficientnet-family squeeze-excite and our equivalent: the same computation and attributes.
+SQUEEZE_EXCITE_TYPES = (SqueezeExcite, _LinearSqueezeExcite)
 
 # Blocks whose forward is ``x = self.se(x)`` on a tensor the block computed (never its input, never read again).
 _SE_CONSUMING_BLOCKS = (DepthwiseSeparableConv, InvertedResidual, EdgeResidual, UniversalInvertedResidual)

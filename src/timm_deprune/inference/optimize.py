@@ -13,7 +13,9 @@ from torch import nn
 from ..data import model_input_size
 from ..layers import MaskedConv2d
 from .fold import fold_all_batchnorms
+from ..kernels.backend import backend_available
 from .modules import ONEDNN_OK, ConvAct2d, fast_squeeze_excite, fuse_conv_activations, plain_conv
+from .native import use_native_blocks
 from .reorder import block_shared, reorder_dw_channels
 
 __all__ = ["optimize_for_inference", "prefers_channels_last"]
@@ -53,7 +55,7 @@ def prefers_channels_last(model: nn.Module, reorder_channels: bool = True) -> bo
 def optimize_for_inference(model: nn.Module, *, inplace: bool = False, channels_last="auto",
                            reorder_channels="auto", compile: bool = False,
                            input_size: Optional[Sequence[int]] = None, check: bool = True,
-                           fuse_activations: bool = True) -> nn.Module:
+                           fuse_activations: bool = True, native_blocks="auto") -> nn.Module:
     """An eval-mode copy of ``model`` with BatchNorms folded into convs, activations fused into the sparse
     depth-wise kernel's epilogue and into the other convs (oneDNN post-ops on CPU), and squeeze-excite's 1x1 convs
     on pooled vectors run as matrix products, and, for channels_last on CPU, each block's internal channels
@@ -75,8 +77,14 @@ def optimize_for_inference(model: nn.Module, *, inplace: bool = False, channels_
         check: compare the result with the original on a random input and raise if they differ (rel. > 1e-4).
         fuse_activations: run each plain conv and the activation after it as one oneDNN call with a reordered
             weight (:class:`ConvAct2d`); needs PyTorch built with oneDNN (mkldnn), skipped otherwise.
+        native_blocks: run every supported depth-wise separable block (timm ``DepthwiseSeparableConv``,
+            ``InvertedResidual``, ``UniversalInvertedResidual``) as one call of the native block kernel
+            (:func:`~timm_deprune.inference.native.use_native_blocks`) in eval on CPU fp32 (True / False), or
+            ``"auto"``: when the model is on the CPU and ``timm_deprune._C`` is available. Other blocks keep their
+            forward; training, gradients and other devices run the PyTorch forward.
     """
-    for name, value in (("channels_last", channels_last), ("reorder_channels", reorder_channels)):
+    for name, value in (("channels_last", channels_last), ("reorder_channels", reorder_channels),
+                        ("native_blocks", native_blocks)):
         if not (isinstance(value, bool) or value == "auto"):
             raise ValueError(f"{name} must be True, False or 'auto', got {value!r}")
     original = model
@@ -106,6 +114,9 @@ def optimize_for_inference(model: nn.Module, *, inplace: bool = False, channels_
         stats["onednn_convs"] = sum(type(m) is ConvAct2d for m in model.modules())
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if native_blocks == "auto":
+        native_blocks = _on_cpu(model) and backend_available()
+    stats.update(use_native_blocks(model) if native_blocks else {"native_blocks": 0, "native_skipped": 0})
     if reference is not None:
         with torch.no_grad():
             out = _tensors(model(x.to(memory_format=torch.channels_last) if channels_last else x))

@@ -6,6 +6,7 @@
 - :mod:`.activations`: the activations the kernels fuse, one table.
 - :mod:`.launch`: per-device native launches and the checks a direct call of the custom op gets.
 - :mod:`.op`: ``deprune::sparse_dwconv2d`` (custom op, per-device kernels, fake) and :func:`sparse_dwconv2d`.
+- :mod:`.block_op`: ``deprune::native_block``, a whole packed depth-wise separable block as one custom op.
 """
 from .backend import backend_available, load_extension
 from .op import sparse_dwconv2d, sparse_problem
