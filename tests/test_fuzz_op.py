@@ -125,7 +125,8 @@ def test_registered_op_checks_raw_and_edited_plan_tensors(data):
     tensors = [plan.offsets, plan.taps, plan.values, plan.block_offsets, plan.block_taps, plan.block_values]
     which = data.draw(st.integers(0, 5), label="tensor")
     how = _arg(data, ["none"], ["dtype", "shorter", "bump", "negative", "2d"], "edit")
-    edited = _edit(tensors, which, how, kh * kw) if how != "none" else tensors
+    # a bumped tap index lands past the taps of both kernels the call may name: (kh, kw) and the valid (kh + 2, kw)
+    edited = _edit(tensors, which, how, (kh + 2) * kw if which in (1, 4) else kh * kw) if how != "none" else tensors
     if all(a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b) for a, b in zip(edited, tensors)):
         how = "none"  # an edit of an empty tensor (no kept tap) leaves the plan as it was
     x = torch.randn(data.draw(st.integers(1, 2)), _arg(data, [c], [c + 3], "x channels"), 6, 7, generator=gen)
