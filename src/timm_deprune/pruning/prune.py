@@ -15,8 +15,9 @@ from timm.layers import Conv2dSame, MixedConv2d
 from ..config import CALIBRATED_IMPORTANCE, DepruneConfig, resolve_ratios
 from ..data import model_input_size
 from .groups import find_channel_groups, group_splits, is_depthwise
-from . import calibration as cal_
+from .calibrator import Calibrator, collect_inputs, max_rss_mb, pw_saliency
 from .importance import dw_scores, filter_scores, following_bn_scales
+from .obs import obs_select, refit_kept_taps
 from .plan import DWLayerPlan, PrunePlan, PWLayerPlan, apply_pw
 from .report import LayerReport, PruneReport, count_macs
 from .select import kept_pw_count, select_dw_taps, select_pw_channels
@@ -91,7 +92,7 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
         input_size: ``(C, H, W)`` for the FLOPs report; default the model's own (timm's data config).
         calibration: input tensors, ``(input, target)`` pairs or a DataLoader (labels ignored). Needed by
             ``importance="obs"``; with it (and ``reconstruct`` not False) kept weights are refit layer by layer
-            against the dense network, and BN statistics are re-estimated at the end (DESIGN.md §7).
+            against the dense network, and BN statistics are re-estimated at the end (ARCHITECTURE.md §9).
         calibration_samples: use at most this many calibration samples.
 
     Example:
@@ -119,7 +120,7 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
     if not inplace:
         model = copy.deepcopy(model)
     t_cal = time.perf_counter()
-    inputs = cal_.collect_inputs(calibration, calibration_samples) if calibration is not None else None
+    inputs = collect_inputs(calibration, calibration_samples) if calibration is not None else None
     reconstruct = inputs is not None and config.reconstruct is not False
     obs = config.importance in CALIBRATED_IMPORTANCE
     dense = copy.deepcopy(model) if reconstruct else None
@@ -136,7 +137,7 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
     pw_kept: dict[str, torch.Tensor] = {}
     pw_dense: dict[str, int] = {}
     t_cal = time.perf_counter()
-    pw_obs = cal_.pw_saliency(model, groups, inputs) if obs and any(pw_ratios.values()) else {}
+    pw_obs = pw_saliency(model, groups, inputs) if obs and any(pw_ratios.values()) else {}
     cal_seconds += time.perf_counter() - t_cal
     for g in groups:
         ratio = pw_ratios.get(g.producer, 0.0)
@@ -167,11 +168,11 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
     def select(path, conv, ratio, hessian):
         """The layer's selection and, with calibration data, its refit weight (None: weights unchanged)."""
         if obs:
-            return cal_.obs_select(conv.weight, hessian, ratio, **opts)
+            return obs_select(conv.weight, hessian, ratio, **opts)
         sel = select_dw_taps(dw_scores(path, conv, config.importance, bn_of), ratio, **opts)
-        return sel, (cal_.refit_kept_taps(conv.weight, hessian, sel.mask) if reconstruct else None)
+        return sel, (refit_kept_taps(conv.weight, hessian, sel.mask) if reconstruct else None)
 
-    calib = cal_.Calibrator(model, dense if dense is not None else model, inputs) if (obs or reconstruct) else None
+    calib = Calibrator(model, dense if dense is not None else model, inputs) if (obs or reconstruct) else None
     refit_at = {g.consumer: g for g in groups} if reconstruct else {}
     index = {p: i for i, (p, _) in enumerate(model.named_modules())}
     events = sorted([(index[p], p) for p, _ in dws] + [(index[c], c) for c in refit_at if c in index])
@@ -256,7 +257,9 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
         layers=tuple(rows), input_size=size,
         macs_before=stats["macs_before"], macs_after=stats["macs_after"], params_before=params_before,
         params_after=stats["params_after"], decide_seconds=decide,
-        dead_channels_removed=dead_removed, dead_channels_kept=dead_kept, skipped=tuple(skipped))
+        dead_channels_removed=dead_removed, dead_channels_kept=dead_kept, skipped=tuple(skipped),
+        calibration_seconds=calibration_info["calibration_seconds"] if calibration_info else None,
+        calibration_peak_mb=calibration_info["peak_rss_mb"] if calibration_info else None)
     return PruneResult(model=model, plan=plan, masks=masks, report=report, calibration=calibration_info)
 
 
@@ -283,7 +286,7 @@ def _finish_calibration(model, inputs, groups, refit, calib, config, reconstruct
             "reconstruct": reconstruct, "consumers_refit": len(refit), "bn_reestimated": bns - len(keep),
             "bn_kept": len(keep)}
     stats = calib.stats() if calib is not None else {"calibration_seconds": 0.0, "calibration_cache_mb": 0.0,
-                                                      "peak_rss_mb": cal_.max_rss_mb(), "peak_rss_rise_mb": 0.0}
+                                                      "peak_rss_mb": max_rss_mb(), "peak_rss_rise_mb": 0.0}
     info.update(stats)
     info["calibration_seconds"] += time.perf_counter() - t0
     return info
