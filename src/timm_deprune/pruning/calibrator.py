@@ -88,6 +88,8 @@ class Calibrator:
         dense.eval()
         units = _chain_units(model)
         self.units = units if units and self._chain_holds(units) else []
+        self._bn_after: Optional[dict[str, str]] = None
+        self._rows_per_image: dict[str, int] = {}  # refittable layers: input rows per image (set by bn_after)
         self.unit = -1  # index of the block whose inputs are cached; -1: none yet
         self.cache: list[torch.Tensor] = []
         self.dense_cache: list[torch.Tensor] = []
@@ -217,48 +219,91 @@ class Calibrator:
         return self._timed(run)
 
     @torch.no_grad()
-    def refit(self, group: ChannelGroup) -> bool:
-        """Refit ``group``'s consumer so its output on the pruned inputs matches the dense network's (ridge LS).
+    def refit(self, path: str, rows: Optional[torch.Tensor] = None) -> bool:
+        """Refit the 1x1 conv or Linear ``path`` so its output on the pruned inputs matches the dense network's.
 
-        The fitted bias goes into the consumer's bias, or into the running mean of the BN reading it. Returns
-        False (and changes nothing) where the consumer or its bias has no such home.
+        ``rows``: the dense output channels it still has (its outputs were pruned). The fitted offset goes into
+        its bias, or into the running mean of the BN reading its output (:meth:`bn_after`). Returns False, and
+        changes nothing, where that has no home or the data has fewer than eight samples per input (a layer after
+        global pooling): a fit there would follow the few calibration images, not the data.
         """
-        consumer = self.model.get_submodule(group.consumer)
-        bn = self.model.get_submodule(group.consumer_bn) if group.consumer_bn else None
-        has_bn = isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.running_mean is not None
-        if not can_refit(consumer) or (getattr(consumer, "bias", None) is None and not has_bn):
+        layer = self.model.get_submodule(path)
+        bn_path = self.bn_after().get(path)
+        if not can_refit(layer) or (getattr(layer, "bias", None) is None and bn_path is None):
+            return False
+        images = sum(len(x) for x in self.inputs)
+        fit_rows = min(self._rows_per_image.get(path, 0), PW_POSITIONS) * images
+        if fit_rows < 8 * (layer.weight.shape[1] + 1):
             return False
 
         def run():
-            xs, dxs, root, droot = self._sources(group.consumer)
-            dense_consumer = self.dense.get_submodule(group.consumer)
+            xs, dxs, root, droot = self._sources(path)
+            dense_layer = self.dense.get_submodule(path)
+            dense_bias = getattr(dense_layer, "bias", None)
+            dense_bias = None if dense_bias is None else (dense_bias if rows is None else dense_bias[rows]).double()
             xtx = ytx = None
             for i, (x, dx) in enumerate(zip(xs, dxs)):
-                xin = activation_rows(consumer, self._run_to(root, consumer, x))
-                y = self._run_to(droot, dense_consumer, dx, output=True)
-                if getattr(dense_consumer, "bias", None) is not None:
-                    y = y - (dense_consumer.bias if isinstance(dense_consumer, nn.Linear)
-                             else dense_consumer.bias.view(1, -1, 1, 1))
-                yr = activation_rows(consumer, y)
+                xin = activation_rows(layer, self._run_to(root, layer, x))
+                yr = activation_rows(layer, self._run_to(droot, dense_layer, dx, output=True))
+                if rows is not None:
+                    yr = yr[:, rows]
+                if dense_bias is not None:
+                    yr = yr - dense_bias.to(yr)
                 per = xin.shape[0] // x.shape[0]
                 idx = sample_positions(per, PW_POSITIONS, i)
                 if idx is not None:
                     sel = (torch.arange(x.shape[0])[:, None] * per + idx[None, :]).flatten()
                     xin, yr = xin[sel], yr[sel]
-                xa = torch.cat([xin, torch.ones(xin.shape[0], 1, dtype=xin.dtype)], 1)
-                a = (xa.T @ xa).double()
-                c = (yr.T @ xa).double()
-                xtx = a if xtx is None else xtx + a
-                ytx = c if ytx is None else ytx + c
-            b = refit_consumer(consumer, xtx, ytx)
-            if getattr(dense_consumer, "bias", None) is not None:
-                b = b + dense_consumer.bias.double()
-            if getattr(consumer, "bias", None) is not None:
-                consumer.bias.copy_(b.to(consumer.bias))
-            else:  # bn(y + b) == bn with its running mean lowered by b
-                bn.running_mean.sub_(b.to(bn.running_mean))
+                xa = torch.cat([xin, torch.ones(xin.shape[0], 1, dtype=xin.dtype)], 1).double()
+                xtx = xa.T @ xa if xtx is None else xtx + xa.T @ xa
+                ytx = yr.double().T @ xa if ytx is None else ytx + yr.double().T @ xa
+            b = refit_consumer(layer, xtx, ytx)
+            if dense_bias is not None:
+                b = b + dense_bias
+            if getattr(layer, "bias", None) is not None:
+                layer.bias.copy_(b.to(layer.bias))
+            else:  # bn(y + b) == bn with its running mean lowered by b (from the dense one: b has any folded offset)
+                dense_mean = self.dense.get_submodule(bn_path).running_mean.double()
+                if rows is not None:
+                    dense_mean = dense_mean[rows]
+                bn = self.model.get_submodule(bn_path)
+                bn.running_mean.copy_((dense_mean - b).to(bn.running_mean))
             return True
         return self._timed(run)
+
+    @torch.no_grad()
+    def bn_after(self) -> dict[str, str]:
+        """Path of the BatchNorm (with running statistics) that reads each module's output, traced once on the dense
+        twin with one image; modules whose output goes anywhere else first are absent."""
+        if self._bn_after is None:
+            made: dict[int, str] = {}
+            found: dict[str, str] = {}
+            alive: list[torch.Tensor] = []  # outputs stay referenced, so no id is reused during the trace
+            hooks = []
+
+            def reads(mod, args, p):
+                if args and id(args[0]) in made:
+                    found.setdefault(made[id(args[0])], p)
+
+            def writes(mod, args, out, p):
+                if isinstance(out, torch.Tensor):
+                    made[id(out)] = p
+                    alive.append(out)
+                if args and isinstance(args[0], torch.Tensor) and can_refit(mod):
+                    self._rows_per_image[p] = args[0].numel() // max(mod.weight.shape[1], 1)
+
+            for p, m in self.dense.named_modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                    hooks.append(m.register_forward_pre_hook(lambda mod, a, p=p: reads(mod, a, p)))
+                elif p and not list(m.children()):
+                    hooks.append(m.register_forward_hook(lambda mod, a, out, p=p: writes(mod, a, out, p)))
+            try:
+                self.dense(self.inputs[0][:1])
+            finally:
+                for h in hooks:
+                    h.remove()
+            self._bn_after = found
+        return self._bn_after
 
 
 @torch.no_grad()

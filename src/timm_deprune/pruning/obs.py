@@ -23,7 +23,7 @@ from timm.layers import Conv2dSame, pad_same
 
 from .select import DWSelection, select_dw_taps, selection_of
 
-__all__ = ["DAMP", "DW_POSITIONS", "sample_positions", "dw_patches", "dw_hessian", "damped_inverse", "spd_inverse", "obs_paths", "obs_prune",
+__all__ = ["DAMP", "DW_POSITIONS", "sample_positions", "dw_patches", "dw_hessian", "damping", "damped_inverse", "obs_paths", "obs_prune",
            "group_counts", "obs_select", "refit_kept_taps", "activation_rows", "refit_consumer", "can_refit"]
 
 DAMP = 0.01  # dampening: this fraction of the mean Hessian diagonal is added to it (SparseGPT's percdamp)
@@ -82,22 +82,20 @@ def dw_hessian(conv: nn.Conv2d, x: torch.Tensor, out: Optional[torch.Tensor] = N
     return out
 
 
+def damping(diag: torch.Tensor, damp: float) -> torch.Tensor:
+    """Per channel ``damp`` times the mean of the Hessian diagonal ``diag`` ``[C, k]``; 1 for an all-zero Hessian
+    (a channel that saw no input), so its inverse exists."""
+    mean = diag.mean(-1)
+    return torch.where(mean > 0, damp * mean, torch.ones_like(mean))
+
+
 def damped_inverse(h: torch.Tensor, damp: float) -> torch.Tensor:
     """``(H + damp·mean(diag H)·I)⁻¹`` per channel; a channel with a zero Hessian gets the identity."""
     k = h.shape[-1]
     diag = h.diagonal(dim1=-2, dim2=-1)
-    lam = damp * diag.mean(-1)
-    lam = torch.where(lam > 0, lam, torch.ones_like(lam))
+    lam = damping(diag, damp)
     eye = torch.eye(k, dtype=torch.float64)
-    return spd_inverse(h + lam[:, None, None] * eye)
-
-
-def spd_inverse(a: torch.Tensor) -> torch.Tensor:
-    """Inverse of a batch of symmetric positive definite matrices (Cholesky; LU where that fails numerically)."""
-    l, info = torch.linalg.cholesky_ex(a)
-    if bool((info == 0).all()):
-        return torch.cholesky_inverse(l)
-    return torch.linalg.inv(a)
+    return torch.linalg.inv(h + lam[:, None, None] * eye)
 
 
 def obs_paths(weight: torch.Tensor, hinv: torch.Tensor, block: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,12 +223,11 @@ def refit_kept_taps(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Ten
     m = mask.reshape(c, k).cpu().to(torch.float64)
     h = hessian.double().cpu().clone()
     diag = h.diagonal(dim1=-2, dim2=-1)
-    lam = damp * diag.mean(-1)
-    diag += torch.where(lam > 0, lam, torch.ones_like(lam))[:, None]
+    diag += damping(diag, damp)[:, None]
     # one batched solve: H_KK on the kept taps, the identity on the pruned ones (their correction is 0)
     a = h * (m[:, :, None] * m[:, None, :]) + torch.diag_embed(1.0 - m)
     rhs = (h @ (w * (1.0 - m))[:, :, None])[:, :, 0] * m
-    out = (w + (spd_inverse(a) @ rhs[:, :, None])[:, :, 0]) * m
+    out = (w + torch.linalg.solve(a, rhs)) * m
     return out.reshape(weight.shape).to(weight.dtype)
 
 
@@ -242,15 +239,24 @@ def activation_rows(m: nn.Module, t: torch.Tensor) -> torch.Tensor:
 
 
 def refit_consumer(consumer: nn.Module, xtx: torch.Tensor, ytx: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
-    """Ridge least squares ``[W b] = YXᵀ (XXᵀ + λI)⁻¹`` from the accumulated ``XXᵀ`` / ``YXᵀ`` (X with a ones row).
+    """Ridge least squares of a consumer toward its current weights: ``[W b] = (YXᵀ + λ[W₀ 0]) (XXᵀ + λI)⁻¹``.
 
-    Returns the fitted bias (the removed channels' mean contribution and the rest of the offset); the weight is
-    written into ``consumer`` (1x1 ``nn.Conv2d`` with ``groups == 1`` or ``nn.Linear``).
+    ``xtx`` = ``XXᵀ`` and ``ytx`` = ``YXᵀ`` are accumulated with a ones row last in X (so the last column of the
+    result is an offset: the removed channels' mean contribution and whatever else the inputs lost). The ridge
+    pulls toward the consumer's own weights ``W₀`` (and a zero offset), not toward zero, so directions the
+    calibration data does not excite keep their dense values. λ is ``damp`` times the mean diagonal of ``XXᵀ``.
+    The weight is written into ``consumer`` (1x1 ``nn.Conv2d`` with ``groups == 1`` or ``nn.Linear``); the fitted
+    offset is returned.
     """
     n = xtx.shape[0]
+    w0 = consumer.weight.detach().reshape(consumer.weight.shape[0], -1).double().cpu()
+    if w0.shape[1] != n - 1 or tuple(ytx.shape) != (w0.shape[0], n):
+        raise ValueError(f"XXᵀ {list(xtx.shape)} / YXᵀ {list(ytx.shape)} do not fit a consumer weight of shape"
+                         f" {list(consumer.weight.shape)} (plus a ones column)")
     lam = damp * xtx.diagonal()[:-1].mean().clamp_min(1e-12)
+    prior = torch.cat([w0, w0.new_zeros(w0.shape[0], 1)], 1)
     a = xtx + lam * torch.eye(n, dtype=torch.float64)
-    wb = torch.linalg.solve(a, ytx.T).T  # a is symmetric
+    wb = torch.linalg.solve(a, (ytx + lam * prior).T).T  # a is symmetric
     w, b = wb[:, :-1], wb[:, -1]
     with torch.no_grad():
         consumer.weight.copy_(w.reshape(consumer.weight.shape).to(consumer.weight))

@@ -17,7 +17,7 @@ from ..data import model_input_size
 from .groups import find_channel_groups, group_splits, is_depthwise
 from .calibrator import Calibrator, collect_inputs, max_rss_mb, pw_saliency
 from .importance import dw_scores, filter_scores, following_bn_scales
-from .obs import obs_select, refit_kept_taps
+from .obs import can_refit, obs_select, refit_kept_taps
 from .plan import DWLayerPlan, PrunePlan, PWLayerPlan, apply_pw
 from .report import LayerReport, PruneReport, count_macs
 from .select import kept_pw_count, select_dw_taps, select_pw_channels
@@ -173,9 +173,11 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
         return sel, (refit_kept_taps(conv.weight, hessian, sel.mask) if reconstruct else None)
 
     calib = Calibrator(model, dense if dense is not None else model, inputs) if (obs or reconstruct) else None
-    refit_at = {g.consumer: g for g in groups} if reconstruct else {}
+    # with reconstruct every 1x1 conv / Linear is refit in network order (outputs pruned: against the kept rows)
+    rows_of = {g.producer: pw_kept[g.producer] for g in groups if len(pw_kept[g.producer]) < pw_dense[g.producer]}
+    refit_at = {p for p, m in model.named_modules() if can_refit(m) and not config.is_ignored(p)} if reconstruct else set()
     index = {p: i for i, (p, _) in enumerate(model.named_modules())}
-    events = sorted([(index[p], p) for p, _ in dws] + [(index[c], c) for c in refit_at if c in index])
+    events = sorted([(index[p], p) for p, _ in dws] + [(index[c], c) for c in refit_at])
     refit: list[str] = []
     masks: dict[str, torch.Tensor] = {}
     dw_plans: list[DWLayerPlan] = []
@@ -184,7 +186,7 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
     dw_convs = dict(dws)
     for _, path in events:
         if path not in dw_convs:  # a consumer: refit it on the pruned network's inputs
-            if calib.refit(refit_at[path]):
+            if calib.refit(path, rows_of.get(path)):
                 refit.append(path)
             continue
         conv = model.get_submodule(path)
@@ -233,7 +235,7 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
 
     calibration_info = None
     if inputs is not None:
-        calibration_info = _finish_calibration(model, inputs, groups, refit, calib, config, reconstruct)
+        calibration_info = _finish_calibration(model, inputs, refit, calib, config, reconstruct)
         calibration_info["calibration_seconds"] += cal_seconds
 
     pw_plans = tuple(
@@ -263,28 +265,23 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
     return PruneResult(model=model, plan=plan, masks=masks, report=report, calibration=calibration_info)
 
 
-def _finish_calibration(model, inputs, groups, refit, calib, config, reconstruct) -> dict:
-    """Re-estimate BN statistics on the calibration data (not those reading a refit consumer: their inputs
-    were fit to the dense network's, so the dense statistics hold) and say what calibration did and cost."""
+def _finish_calibration(model, inputs, refit, calib, config, reconstruct) -> dict:
+    """Without reconstruction, re-estimate BN statistics on the calibration data; say what calibration did and cost.
+
+    With reconstruction every layer was fit to reproduce the dense network's activations under its BN statistics,
+    so those stay: replacing them by the calibration set's (a few hundred images, batch statistics) undid most of
+    what the refits gained on Lite0 (ARCHITECTURE.md §9).
+    """
     from ..recalibrate import recalibrate_bn
 
     t0 = time.perf_counter()
     if calib is not None:
         calib.close()
-    bn_of_consumer = {g.consumer: g.consumer_bn for g in groups if g.consumer_bn}
-    keep = [model.get_submodule(bn_of_consumer[c]) for c in refit if c in bn_of_consumer]
-    keep = [m for m in keep if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    for m in keep:
-        m.track_running_stats = False
-    try:
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not reconstruct:
         recalibrate_bn(model, inputs, num_batches=len(inputs))
-    finally:
-        for m in keep:
-            m.track_running_stats = True
-    bns = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
     info = {"samples": sum(len(x) for x in inputs), "batches": len(inputs), "importance": str(config.importance),
-            "reconstruct": reconstruct, "consumers_refit": len(refit), "bn_reestimated": bns - len(keep),
-            "bn_kept": len(keep)}
+            "reconstruct": reconstruct, "layers_refit": len(refit), "bn_reestimated": 0 if reconstruct else len(bns)}
     stats = calib.stats() if calib is not None else {"calibration_seconds": 0.0, "calibration_cache_mb": 0.0,
                                                       "peak_rss_mb": max_rss_mb(), "peak_rss_rise_mb": 0.0}
     info.update(stats)
