@@ -20,9 +20,9 @@ from timm.layers import MixedConv2d
 from .groups import ChannelGroup
 from .obs import activation_rows, can_refit, dw_hessian, refit_consumer, sample_positions
 
-__all__ = ["collect_inputs", "Calibrator", "pw_saliency", "input_energy", "max_rss_mb", "PW_POSITIONS"]
+__all__ = ["collect_inputs", "Calibrator", "pw_saliency", "input_energy", "max_rss_mb", "PW_ROWS_PER_INPUT"]
 
-PW_POSITIONS = 512  # output positions per image used for a consumer refit
+PW_ROWS_PER_INPUT = 32  # a 1x1 refit uses at most this many rows (positions) per weight column in all
 
 
 def collect_inputs(batches: Iterable, limit: Optional[int] = None) -> list[torch.Tensor]:
@@ -232,9 +232,10 @@ class Calibrator:
         if not can_refit(layer) or (getattr(layer, "bias", None) is None and bn_path is None):
             return False
         images = sum(len(x) for x in self.inputs)
-        fit_rows = min(self._rows_per_image.get(path, 0), PW_POSITIONS) * images
-        if fit_rows < 8 * (layer.weight.shape[1] + 1):
+        columns = layer.weight.shape[1] + 1
+        if self._rows_per_image.get(path, 0) * images < 8 * columns:
             return False
+        per_image = -(-PW_ROWS_PER_INPUT * columns // images)  # positions per image within the row budget
 
         def run():
             xs, dxs, root, droot = self._sources(path)
@@ -243,20 +244,18 @@ class Calibrator:
             dense_bias = None if dense_bias is None else (dense_bias if rows is None else dense_bias[rows]).double()
             xtx = ytx = None
             for i, (x, dx) in enumerate(zip(xs, dxs)):
-                xin = activation_rows(layer, self._run_to(root, layer, x))
-                yr = activation_rows(layer, self._run_to(droot, dense_layer, dx, output=True))
+                xin = self._run_to(root, layer, x)
+                yd = self._run_to(droot, dense_layer, dx, output=True)
+                idx = sample_positions(self._rows_per_image[path], per_image, i)
+                xin, yr = (activation_rows(layer, _take(layer, t, idx)) for t in (xin, yd))
                 if rows is not None:
                     yr = yr[:, rows]
                 if dense_bias is not None:
                     yr = yr - dense_bias.to(yr)
-                per = xin.shape[0] // x.shape[0]
-                idx = sample_positions(per, PW_POSITIONS, i)
-                if idx is not None:
-                    sel = (torch.arange(x.shape[0])[:, None] * per + idx[None, :]).flatten()
-                    xin, yr = xin[sel], yr[sel]
-                xa = torch.cat([xin, torch.ones(xin.shape[0], 1, dtype=xin.dtype)], 1).double()
-                xtx = xa.T @ xa if xtx is None else xtx + xa.T @ xa
-                ytx = yr.double().T @ xa if ytx is None else ytx + yr.double().T @ xa
+                xa = torch.cat([xin, torch.ones(xin.shape[0], 1, dtype=xin.dtype)], 1)
+                a, cy = (xa.T @ xa).double(), (yr.T @ xa).double()  # float32 products, float64 sums
+                xtx = a if xtx is None else xtx + a
+                ytx = cy if ytx is None else ytx + cy
             b = refit_consumer(layer, xtx, ytx)
             if dense_bias is not None:
                 b = b + dense_bias
@@ -304,6 +303,16 @@ class Calibrator:
                     h.remove()
             self._bn_after = found
         return self._bn_after
+
+
+def _take(layer: nn.Module, t: torch.Tensor, idx: Optional[torch.Tensor]) -> torch.Tensor:
+    """The positions ``idx`` (flat, per image) of activation ``t``, before any layout copy: ``[N, C, P]`` for a
+    conv, ``[N, P, C]`` for a Linear; ``t`` itself when ``idx`` is None."""
+    if idx is None:
+        return t
+    if isinstance(layer, nn.Linear):
+        return t.reshape(t.shape[0], -1, t.shape[-1])[:, idx]
+    return t.reshape(t.shape[0], t.shape[1], -1)[:, :, idx].unsqueeze(-1)
 
 
 @torch.no_grad()
