@@ -252,3 +252,54 @@ def test_calibrated_plan_replays_on_a_dense_model():
     fresh = timm.create_model("mobilenetv3_small_050", num_classes=10)
     apply_plan(fresh, plan)
     fresh.load_state_dict(res.model.state_dict())  # same shapes: the refit weights load into the replayed model
+
+
+# --- CLI ----------------------------------------------------------------------------------------------------------
+
+def _image_folder(path, count: int = 5):
+    from PIL import Image
+
+    path.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        sub = path / ("a" if i % 2 else "b")  # class sub-folders and loose files both read; labels unused
+        sub.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (40 + i, 48, 3), dtype=np.uint8)).save(sub / f"img{i}.png")
+    return path
+
+
+def test_cli_prunes_with_a_calibration_folder(tmp_path):
+    from conftest import run_cli
+    from timm_deprune import from_pretrained
+
+    images = _image_folder(tmp_path / "calib")
+    out = tmp_path / "o"
+    code, stdout, err = run_cli("prune", "mobilenetv3_small_050", "--random-init", "--importance", "obs",
+                                "--calibration-dir", str(images), "--calibration-samples", "3", "--batch-size", "2",
+                                "--input-size", "3", "64", "64", "--output", str(out))
+    assert code == 0, err
+    assert "calibration  3 images, importance obs, reconstruct True" in stdout
+    plan = from_pretrained(out).deprune_plan
+    assert plan.config["importance"] == "obs"
+    assert plan.extra["stats"]["calibration"]["samples"] == 3
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--importance", "obs"], "--calibration-dir"),
+    (["--calibration-samples", "4"], "--calibration-dir"),
+    (["--calibration-dir", "/nonexistent/calib"], "is not a folder"),
+], ids=["obs-without-data", "samples-without-data", "missing-folder"])
+def test_cli_calibration_errors_are_one_line(tmp_path, argv, needle):
+    from conftest import assert_one_line_error, run_cli
+
+    code, _, err = run_cli("prune", "mobilenetv3_small_050", "--random-init", "--output", str(tmp_path / "o"), *argv)
+    assert_one_line_error(code, err, needle, exit_code=2 if "not a folder" not in needle else 1)
+
+
+def test_cli_empty_calibration_folder_is_one_line(tmp_path):
+    from conftest import assert_one_line_error, run_cli
+
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli("prune", "mobilenetv3_small_050", "--random-init", "--calibration-dir",
+                           str(tmp_path / "empty"), "--output", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "--calibration-dir", exit_code=1)

@@ -237,9 +237,13 @@ class Calibrator:
             return False
         per_image = -(-PW_ROWS_PER_INPUT * columns // images)  # positions per image within the row budget
 
+        dense_layer = self.dense.get_submodule(path)
+        outputs = dense_layer.weight.shape[0] if rows is None else len(rows)
+        if outputs != layer.weight.shape[0]:  # outputs sliced in a way this call was not told (SE, dead channels)
+            return False
+
         def run():
             xs, dxs, root, droot = self._sources(path)
-            dense_layer = self.dense.get_submodule(path)
             dense_bias = getattr(dense_layer, "bias", None)
             dense_bias = None if dense_bias is None else (dense_bias if rows is None else dense_bias[rows]).double()
             xtx = ytx = None

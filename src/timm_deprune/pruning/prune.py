@@ -175,6 +175,8 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
     calib = Calibrator(model, dense if dense is not None else model, inputs) if (obs or reconstruct) else None
     # with reconstruct every 1x1 conv / Linear is refit in network order (outputs pruned: against the kept rows)
     rows_of = {g.producer: pw_kept[g.producer] for g in groups if len(pw_kept[g.producer]) < pw_dense[g.producer]}
+    rows_of.update({f"{g.se}.{n}": pw_kept[g.producer] for g in groups if g.se and g.producer in rows_of
+                    for n in ("conv_expand", "fc2")})
     refit_at = {p for p, m in model.named_modules() if can_refit(m) and not config.is_ignored(p)} if reconstruct else set()
     index = {p: i for i, (p, _) in enumerate(model.named_modules())}
     events = sorted([(index[p], p) for p, _ in dws] + [(index[c], c) for c in refit_at])
