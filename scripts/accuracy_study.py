@@ -333,7 +333,8 @@ def main(argv=None) -> int:
                    help="add DEPrune-BH one-shot rows with calibration data: magnitude+BN, obs, obs+reconstruct")
     p.add_argument("--calibration-samples", type=int, default=1024, help="calibration images (default %(default)s)")
     p.add_argument("--baseline", choices=["hand-made", "torch-pruning"], default="hand-made",
-                   help="channel-pruning baseline: block-internal channels (hand-made) or Torch-Pruning group magnitude")
+                   help="channel-pruning baseline: block-internal channels (hand-made) or Torch-Pruning group"
+                   " magnitude")
     args = p.parse_args(argv)
     if args.quick:
         args.img_size, args.train_samples, args.test_samples, args.batch = 32, 160, 100, 32

@@ -8,7 +8,8 @@ from typing import Callable, Iterable, Mapping, Optional, Union
 
 import torch
 
-__all__ = ["DepruneConfig", "RatioSpec", "ALIGN_MODES", "IMPORTANCE_NAMES", "CALIBRATED_IMPORTANCE", "resolve_ratios", "block_size"]
+__all__ = ["DepruneConfig", "RatioSpec", "ALIGN_MODES", "IMPORTANCE_NAMES", "CALIBRATED_IMPORTANCE", "resolve_ratios",
+           "block_size"]
 
 ALIGN_MODES = ("none", "under", "over", "nearest")
 IMPORTANCE_NAMES = ("l1", "l2", "bn_scaled", "obs")
@@ -85,7 +86,8 @@ class DepruneConfig:
             wasted lanes; N must divide ``group`` and ``tile``. A layer whose channel count is not a multiple of
             N ends in a partial block; its group's pruned count is then aligned in whole tiles of blocks.
         reconstruct: with calibration data, refit what is kept (kept DW taps by least squares where OBS has not,
-            consumer convs by ridge least squares against the dense network, BN statistics re-estimated last).
+            1x1 convs and Linears by ridge least squares against the dense network, layer by layer; BN statistics
+            keep the dense values). ``False``: no refit, BN statistics re-estimated on the calibration data.
             ``None`` (default): on when ``prune`` gets calibration data. ``True`` without calibration is an error.
 
     Example:

@@ -320,7 +320,8 @@ def _take(layer: nn.Module, t: torch.Tensor, idx: Optional[torch.Tensor]) -> tor
 
 
 @torch.no_grad()
-def pw_saliency(model: nn.Module, groups: Sequence[ChannelGroup], inputs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+def pw_saliency(model: nn.Module, groups: Sequence[ChannelGroup],
+                inputs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """Calibration importance of every internal channel: ``Σ_o W_consumer[o, j]² · E[x_j²]`` (the diagonal OBS
     saliency of removing input ``j`` of the consumer), keyed by producer path; one forward over ``inputs``."""
     sums: dict[str, torch.Tensor] = {}

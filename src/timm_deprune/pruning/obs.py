@@ -23,8 +23,9 @@ from timm.layers import Conv2dSame, pad_same
 
 from .select import DWSelection, select_dw_taps, selection_of
 
-__all__ = ["DAMP", "DW_POSITIONS", "sample_positions", "dw_patches", "dw_hessian", "damping", "damped_inverse", "spd_inverse", "output_positions", "obs_paths", "obs_prune",
-           "group_counts", "obs_select", "refit_kept_taps", "activation_rows", "refit_consumer", "can_refit"]
+__all__ = ["DAMP", "DW_POSITIONS", "sample_positions", "dw_patches", "dw_hessian", "damping", "damped_inverse",
+           "spd_inverse", "output_positions", "obs_paths", "obs_prune", "group_counts", "obs_select",
+           "refit_kept_taps", "activation_rows", "refit_consumer", "can_refit"]
 
 DAMP = 0.01  # dampening: this fraction of the mean Hessian diagonal is added to it (SparseGPT's percdamp)
 DW_POSITIONS = 256  # output positions per image used for a DW Hessian (all when fewer)
@@ -129,7 +130,8 @@ def obs_paths(weight: torch.Tensor, hinv: torch.Tensor, block: int = 1) -> tuple
     """Every block's greedy OBS removal path: the order its taps leave and the cost of each removal.
 
     Blocks of ``block`` channels share their tap pattern, so step ``s`` removes from every block the tap of least
-    summed saliency ``Σ_c w_ci² / [H_c⁻¹]_ii`` and applies the OBS update ``w_c -= w_ci / [H_c⁻¹]_ii · H_c⁻¹[:, i]``
+    summed saliency ``Σ_c w_ci² / [H_c⁻¹]_ii`` and applies the OBS update
+    ``w_c -= w_ci / [H_c⁻¹]_ii · H_c⁻¹[:, i]``
     (with the downdate of ``H_c⁻¹``) to each of its channels. Blocks never interact, so all run at once:
     ``kh*kw`` vectorised steps. ``weight`` ``[C, k]`` and ``hinv`` ``[C, k, k]`` (float64) are not changed.
     Returns ``order`` and ``cost``, both ``[blocks, k]``.
@@ -266,7 +268,7 @@ def activation_rows(m: nn.Module, t: torch.Tensor) -> torch.Tensor:
 
 
 def refit_consumer(consumer: nn.Module, xtx: torch.Tensor, ytx: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
-    """Ridge least squares of a consumer toward its current weights: ``[W b] = (YXᵀ + λ[W₀ 0]) (XXᵀ + λI)⁻¹``.
+    """Ridge least squares of a consumer toward its weights: ``[W b] = (YXᵀ + λ[W₀ 0]) (XXᵀ + λI)⁻¹``.
 
     ``xtx`` = ``XXᵀ`` and ``ytx`` = ``YXᵀ`` are accumulated with a ones row last in X (so the last column of the
     result is an offset: the removed channels' mean contribution and whatever else the inputs lost). The ridge

@@ -14,8 +14,8 @@ from timm.layers import Conv2dSame, MixedConv2d
 
 from ..config import CALIBRATED_IMPORTANCE, DepruneConfig, resolve_ratios
 from ..data import model_input_size
-from .groups import find_channel_groups, group_splits, is_depthwise
 from .calibrator import Calibrator, collect_inputs, max_rss_mb, pw_saliency
+from .groups import find_channel_groups, group_splits, is_depthwise
 from .importance import dw_scores, filter_scores, following_bn_scales
 from .obs import can_refit, obs_select, refit_kept_taps
 from .plan import DWLayerPlan, PrunePlan, PWLayerPlan, apply_pw
@@ -92,7 +92,8 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
         input_size: ``(C, H, W)`` for the FLOPs report; default the model's own (timm's data config).
         calibration: input tensors, ``(input, target)`` pairs or a DataLoader (labels ignored). Needed by
             ``importance="obs"``; with it (and ``reconstruct`` not False) kept weights are refit layer by layer
-            against the dense network, and BN statistics are re-estimated at the end (ARCHITECTURE.md §9).
+            against the dense network; with ``reconstruct=False`` BN statistics are re-estimated on it instead
+            (ARCHITECTURE.md §9).
         calibration_samples: use at most this many calibration samples.
 
     Example:
@@ -177,7 +178,8 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
     rows_of = {g.producer: pw_kept[g.producer] for g in groups if len(pw_kept[g.producer]) < pw_dense[g.producer]}
     rows_of.update({f"{g.se}.{n}": pw_kept[g.producer] for g in groups if g.se and g.producer in rows_of
                     for n in ("conv_expand", "fc2")})
-    refit_at = {p for p, m in model.named_modules() if can_refit(m) and not config.is_ignored(p)} if reconstruct else set()
+    refit_at = ({p for p, m in model.named_modules() if can_refit(m) and not config.is_ignored(p)} if reconstruct
+                else set())
     index = {p: i for i, (p, _) in enumerate(model.named_modules())}
     events = sorted([(index[p], p) for p, _ in dws] + [(index[c], c) for c in refit_at])
     refit: list[str] = []
