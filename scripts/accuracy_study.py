@@ -10,11 +10,17 @@ Real weights and real data that install offline: ImageNet-1k EfficientNet-Lite0 
    (block-internal channels only, no tap pruning) at the MACs of the DEPrune-BH variant. Each is evaluated
    one-shot, after BN re-estimation only, and after the same short recalibration (BN re-estimation, then
    fine-tuning with distillation from the dense baseline).
+   With ``--one-shot``: DEPrune-BH pruned with calibration data (<= ``--calibration-samples`` training images, no
+   gradient step): magnitude + BN re-estimation, OBS, OBS + reconstruction (``prune(..., calibration=...)``), each
+   also recalibrated. With ``--baseline torch-pruning`` the channel-pruning baseline is Torch-Pruning's group
+   magnitude pruning (PyPI ``torch-pruning``; every prunable channel, residual ones included) at the MACs of the
+   DEPrune-BH variant, instead of the hand-made block-internal one. ``--methods`` picks the rows.
 3. Writes RESULTS.md (table of accuracy, MACs, params, CPU latency per variant), results.json and a PNG plot of
    accuracy vs DW pruning ratio.
 
     python scripts/accuracy_study.py                 # the full study (about an hour on 2 cores)
     python scripts/accuracy_study.py --quick         # a minute-long smoke run of the same code path
+    python scripts/accuracy_study.py --one-shot --baseline torch-pruning   # issue 17's rows
 """
 from __future__ import annotations
 
@@ -86,6 +92,42 @@ def channel_pruned_at(model, macs_target: int, size: int) -> td.PruneResult:
     return best
 
 
+def torch_pruned_at(model, macs_target: int, size: int):
+    """Torch-Pruning group-magnitude channel pruning (uniform ratio, channels rounded to 8, classifier kept) whose
+    MACs (counted as ours are) come closest to ``macs_target``; returns (model, MACs, params)."""
+    import torch_pruning as tp
+    from timm_deprune.pruning.report import count_macs
+
+    x = torch.randn(1, 3, size, size)
+    lo, hi, best = 0.0, 0.9, None
+    for _ in range(10):
+        mid = (lo + hi) / 2
+        m = copy.deepcopy(model).eval()
+        tp.pruner.BasePruner(m, x, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=mid,
+                             ignored_layers=[m.get_classifier()], round_to=8).step()
+        counts = count_macs(m, (3, size, size))
+        macs, params = sum(v[0] for v in counts.values()), sum(p.numel() for p in m.parameters())
+        if best is None or abs(macs - macs_target) < abs(best[1] - macs_target):
+            best = (m, macs, params)
+        lo, hi = (mid, hi) if macs > macs_target else (lo, mid)
+    return best
+
+
+def calibration_batches(loader, samples: int) -> list:
+    """At most ``samples`` training images (labels dropped), as the loader batches them."""
+    out, seen = [], 0
+    for x, _ in loader:
+        out.append(x[: samples - seen])
+        seen += len(out[-1])
+        if seen >= samples:
+            break
+    return out
+
+
+ONE_SHOT = {"magnitude+BN": dict(importance="l2", reconstruct=False), "obs": dict(importance="obs", reconstruct=False),
+            "obs+reconstruct": dict(importance="obs", reconstruct=True)}
+
+
 @torch.no_grad()
 def latency_ms(model, size: int, repeats: int) -> float:
     """Median eval latency at batch 1 (sparse kernels where the backend runs them)."""
@@ -123,15 +165,31 @@ def run(args) -> dict:
                  params=base_res.report.params_before, latency_ms=latency_ms(base, size, args.latency_repeats))]
     print(f"baseline: top1 {base_acc['top1']:.2f}% after {base_time:.0f}s of fine-tuning", flush=True)
 
+    calib = calibration_batches(train_loader, args.calibration_samples) if args.one_shot else None
     recal_cfg = td.RecalibrateConfig(max_steps=args.recal_steps, lr=args.recal_lr, warmup_steps=5,
                                      bn_batches=args.bn_batches, seed=args.seed, progress=False)
     bn_cfg_batches = args.bn_batches
     for pw in args.pw_ratios:
         for dw in args.dw_ratios:
             bh_macs = None
-            for method in ("DEPrune", "DEPrune-B", "DEPrune-BH", "channel"):
+            methods = [m for m in args.methods if m != "channel"]
+            methods += [f"one-shot {k}" for k in ONE_SHOT] if args.one_shot else []
+            methods += ["channel"] if "channel" in args.methods else []
+            for method in methods:
                 t0 = time.perf_counter()
-                if method == "channel":
+                if method == "channel" and args.baseline == "torch-pruning":
+                    row = _torch_pruning_row(base, bh_macs, size, dw, pw, train_loader, test_loader, recal_cfg,
+                                             bn_cfg_batches, args)
+                    rows.append(row | {"seconds": time.perf_counter() - t0})
+                    print(f"{row['variant']:26s} one-shot {row['one_shot']:6.2f}  +BN {row['bn']:6.2f}  recalibrated"
+                          f" {row['recal']:6.2f}  MACs {row['macs'] / 1e6:6.1f}M", flush=True)
+                    continue
+                if method.startswith("one-shot"):
+                    kind = method.split(" ", 1)[1]
+                    res = td.prune(base, td.DepruneConfig.deprune_bh(dw_ratio=dw, pw_ratio=pw, **ONE_SHOT[kind]),
+                                   input_size=(3, size, size), calibration=calib)
+                    bh_macs = bh_macs or res.report.macs_after
+                elif method == "channel":
                     res = channel_pruned_at(base, bh_macs, size)
                 else:
                     ctor = {"DEPrune": td.DepruneConfig.deprune, "DEPrune-B": td.DepruneConfig.deprune_b,
@@ -140,9 +198,12 @@ def run(args) -> dict:
                     if method == "DEPrune-BH":
                         bh_macs = res.report.macs_after
                 one_shot = td.evaluate(res.model, test_loader)["top1"]
-                bn_model = copy.deepcopy(res.model)
-                td.recalibrate_bn(bn_model, train_loader, bn_cfg_batches)
-                bn = td.evaluate(bn_model, test_loader)["top1"]
+                if method.startswith("one-shot"):  # its calibration is the one-shot: no further BN step
+                    bn = one_shot
+                else:
+                    bn_model = copy.deepcopy(res.model)
+                    td.recalibrate_bn(bn_model, train_loader, bn_cfg_batches)
+                    bn = td.evaluate(bn_model, test_loader)["top1"]
                 model = res.model
                 td.recalibrate(model, train_loader, recal_cfg, teacher=base)
                 recal = td.evaluate(model, test_loader)["top1"]
@@ -165,6 +226,20 @@ def run(args) -> dict:
                 baseline_seconds=base_time)
 
 
+def _torch_pruning_row(base, macs_target, size, dw, pw, train_loader, test_loader, recal_cfg, bn_batches, args):
+    """The Torch-Pruning baseline at ``macs_target``: one-shot, +BN, recalibrated (same schedule, KD)."""
+    model, macs, params = torch_pruned_at(base, macs_target, size)
+    one_shot = td.evaluate(model, test_loader)["top1"]
+    bn_model = copy.deepcopy(model)
+    td.recalibrate_bn(bn_model, train_loader, bn_batches)
+    bn = td.evaluate(bn_model, test_loader)["top1"]
+    td.recalibrate(model, train_loader, recal_cfg, teacher=base)
+    recal = td.evaluate(model, test_loader)["top1"]
+    return dict(variant=f"torch-pruning DW{dw:.0%} PW{pw:.0%}", method="channel", dw_ratio=dw, pw_ratio=pw,
+                achieved_dw=0.0, real_dw=0.0, channels_pw=0.0, one_shot=one_shot, bn=bn, recal=recal, macs=macs,
+                params=params, latency_ms=latency_ms(model, size, args.latency_repeats))
+
+
 def write_results(result: dict, out: Path) -> None:
     rows = result["rows"]
     s = result["settings"]
@@ -183,6 +258,13 @@ def write_results(result: dict, out: Path) -> None:
         " masks held). *channel* = channel pruning of block-internal channels (no tap pruning) at the MACs of the"
         " DEPrune-BH variant in the same row group. Latency: eval, batch 1, fp32, median; pruned depth-wise layers"
         " on our sparse CPU kernel.", "",
+        f"*one-shot X* rows (with `--one-shot`): DEPrune-BH pruned with {s.get('calibration_samples')} training images as"
+        " calibration data and no gradient step (`prune(..., calibration=...)`): *magnitude+BN* = magnitude selection"
+        " and BN re-estimation, *obs* = OBS tap selection and calibration filter saliency (+ BN re-estimation),"
+        " *obs+reconstruct* = OBS plus layer-by-layer least-squares refits; their one-shot and +BN columns are the"
+        " same number (the calibration is the one-shot step). *torch-pruning* rows (with `--baseline"
+        " torch-pruning`): Torch-Pruning group-magnitude channel pruning of the whole network at the MACs of the"
+        " DEPrune-BH variant.", "",
         "| variant | achieved DW PR | Real DW (min group) | PW channels removed | one-shot top-1 | +BN top-1 |"
         " recalibrated top-1 | MACs | params | CPU latency b1 |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -245,11 +327,20 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny settings: checks the code path in about a minute")
+    p.add_argument("--methods", nargs="+", default=["DEPrune", "DEPrune-B", "DEPrune-BH", "channel"],
+                   choices=["DEPrune", "DEPrune-B", "DEPrune-BH", "channel"], help="rows per setting (default: all)")
+    p.add_argument("--one-shot", action="store_true",
+                   help="add DEPrune-BH one-shot rows with calibration data: magnitude+BN, obs, obs+reconstruct")
+    p.add_argument("--calibration-samples", type=int, default=1024, help="calibration images (default %(default)s)")
+    p.add_argument("--baseline", choices=["hand-made", "torch-pruning"], default="hand-made",
+                   help="channel-pruning baseline: block-internal channels (hand-made) or Torch-Pruning group"
+                   " magnitude")
     args = p.parse_args(argv)
     if args.quick:
         args.img_size, args.train_samples, args.test_samples, args.batch = 32, 160, 100, 32
         args.baseline_epochs, args.recal_steps, args.bn_batches, args.latency_repeats = 1, 2, 2, 3
         args.dw_ratios, args.pw_ratios = [0.71], [0.0, 0.3]
+        args.calibration_samples = min(args.calibration_samples, 64)
     if not (args.data / "train-images-idx3-ubyte.gz").is_file():
         print(f"accuracy_study: Fashion-MNIST not found under {args.data} (apt-get install dataset-fashion-mnist)",
               file=sys.stderr)

@@ -8,10 +8,12 @@ from typing import Callable, Iterable, Mapping, Optional, Union
 
 import torch
 
-__all__ = ["DepruneConfig", "RatioSpec", "ALIGN_MODES", "IMPORTANCE_NAMES", "resolve_ratios", "block_size"]
+__all__ = ["DepruneConfig", "RatioSpec", "ALIGN_MODES", "IMPORTANCE_NAMES", "CALIBRATED_IMPORTANCE", "resolve_ratios",
+           "block_size"]
 
 ALIGN_MODES = ("none", "under", "over", "nearest")
-IMPORTANCE_NAMES = ("l1", "l2", "bn_scaled")
+IMPORTANCE_NAMES = ("l1", "l2", "bn_scaled", "obs")
+CALIBRATED_IMPORTANCE = ("obs",)  # need calibration data: prune(..., calibration=batches)
 
 RatioSpec = Union[float, Mapping[str, float]]
 # importance(kind, module_path, module) -> scores: [C, kh, kw] per tap for kind "dw", [C_out] per filter for "pw"
@@ -70,8 +72,10 @@ class DepruneConfig:
         group: channels per diagonal-wise sub-GEMM (BWT group).
         pw_tile: kept point-wise channel counts are rounded to a multiple of this.
         importance: ``"l1"`` / ``"l2"`` (weight magnitude; the PW filter norm), ``"bn_scaled"`` (times the
-            following BN's ``|gamma| / sqrt(var + eps)``), or a callable ``(kind, path, module) -> scores``
-            returning ``[C, kh, kw]`` for ``kind == "dw"`` and ``[C_out]`` for ``"pw"``.
+            following BN's ``|gamma| / sqrt(var + eps)``), ``"obs"`` (calibration statistics: taps by the OBS
+            saliency ``w² / [H⁻¹]_ii`` with the OBS update, filters by ``Σ W_consumer[:, j]² E[x_j²]``; needs
+            ``prune(..., calibration=batches)``), or a callable ``(kind, path, module) -> scores`` returning
+            ``[C, kh, kw]`` for ``kind == "dw"`` and ``[C_out]`` for ``"pw"``.
         ignore: module path globs left dense.
         min_keep: fewest taps a DW group keeps and fewest channels a PW layer keeps.
         remove_dead: remove DW channels whose taps are all pruned, folding their constant output into the
@@ -81,6 +85,10 @@ class DepruneConfig:
             HSR apply to blocks). Block patterns let a channels_last kernel vectorise across channels with no
             wasted lanes; N must divide ``group`` and ``tile``. A layer whose channel count is not a multiple of
             N ends in a partial block; its group's pruned count is then aligned in whole tiles of blocks.
+        reconstruct: with calibration data, refit what is kept (kept DW taps by least squares where OBS has not,
+            1x1 convs and Linears by ridge least squares against the dense network, layer by layer; BN statistics
+            keep the dense values). ``False``: no refit, BN statistics re-estimated on the calibration data.
+            ``None`` (default): on when ``prune`` gets calibration data. ``True`` without calibration is an error.
 
     Example:
         >>> cfg = DepruneConfig.deprune_bh(dw_ratio=0.71, pw_ratio=0.3)
@@ -100,6 +108,7 @@ class DepruneConfig:
     min_keep: int = 1
     remove_dead: bool = True
     granularity: str = "element"
+    reconstruct: Optional[bool] = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen dataclass
@@ -121,6 +130,9 @@ class DepruneConfig:
         set_("ignore", ignore)
         if not isinstance(self.remove_dead, bool):
             raise ValueError(f"remove_dead must be True or False, got {self.remove_dead!r}")
+        if self.reconstruct is not None and not isinstance(self.reconstruct, bool):
+            raise ValueError(f"reconstruct must be True, False or None (on with calibration data), got"
+                             f" {self.reconstruct!r}")
         n = block_size(self.granularity)
         if self.group % n or self.tile % n:
             raise ValueError(f"granularity {self.granularity!r}: the block size must divide group ({self.group}) and"

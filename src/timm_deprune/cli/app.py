@@ -69,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="module path glob to leave dense (repeatable)")
     m.add_argument("--no-remove-dead", dest="remove_dead", action="store_false",
                    help="keep depth-wise channels whose taps are all pruned")
+    c = p.add_argument_group("one-shot calibration (no training)")
+    c.add_argument("--calibration-dir", type=Path, metavar="DIR",
+                   help="images (any folder timm's create_dataset reads; labels not needed): --importance obs ranks"
+                   " with them, kept weights are refit layer by layer against the dense model")
+    c.add_argument("--calibration-samples", type=int, metavar="N",
+                   help="use at most N calibration images (default: all in the folder)")
+    c.add_argument("--no-reconstruct", dest="reconstruct", action="store_false", default=None,
+                   help="with --calibration-dir, do not refit the kept weights (BN statistics are re-estimated)")
     b = p.add_argument_group("model")
     b.add_argument("--num-classes", type=int, help="classifier size (timm's num_classes)")
     b.add_argument("--in-chans", type=int, help="input channels (timm's in_chans)")

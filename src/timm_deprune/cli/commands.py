@@ -19,6 +19,7 @@ from ..config import ALIGN_MODES, IMPORTANCE_NAMES, DepruneConfig
 from ..data import model_input_size
 from ..hub.io import MASKS_FILE, SAVED_FILES, from_pretrained, load_masks, read_config, save_pretrained
 from ..hub.model_card import config_summary, method_name
+from .calibration_data import calibration_batches
 from .sources import (PROG, CliError, load_dense, load_source, network_cause, resolve_folder, unknown_model,
                            why_offline)
 from ..pruning.plan import PrunePlan
@@ -45,6 +46,8 @@ def _config(args: argparse.Namespace) -> DepruneConfig:
     kwargs = {k: getattr(args, k) for k in ("tile", "group", "pw_tile", "importance", "granularity")
               if getattr(args, k) is not None}
     kwargs.update(ignore=tuple(args.ignore), remove_dead=args.remove_dead)
+    if args.reconstruct is False:
+        kwargs["reconstruct"] = False
     if args.align is not None:
         if args.method != "deprune-bh" and args.align != "none":
             raise CliError(f"--align {args.align} needs --method deprune-bh ({args.method} does not align)", 2)
@@ -76,7 +79,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise CliError("--private / --token only apply with --push-to-hub REPO", 2)
     if (args.epochs is not None or args.distill or args.device) and args.data_dir is None:
         raise CliError("--epochs / --distill / --device are recalibration options: they need --data-dir DIR", 2)
-    _check_numbers(args, epochs=1, batch_size=1, workers=0)
+    _check_numbers(args, epochs=1, batch_size=1, workers=0, calibration_samples=1)
+    if args.calibration_dir is None and (args.importance == "obs" or args.calibration_samples is not None
+                                         or args.reconstruct is False):
+        raise CliError("--importance obs / --calibration-samples / --no-reconstruct need --calibration-dir DIR", 2)
+    if args.calibration_dir is not None and not args.calibration_dir.is_dir():
+        raise CliError(f"--calibration-dir {args.calibration_dir} is not a folder")
     if args.data_dir is not None:
         if not args.data_dir.is_dir():
             raise CliError(f"--data-dir {args.data_dir} is not a folder")
@@ -150,7 +158,13 @@ def cmd_prune(args: argparse.Namespace) -> None:
         if stem is not None and size[0] != stem.in_channels:
             raise CliError(f"--input-size has {size[0]} channels but {args.model} takes {stem.in_channels} (pass"
                            " --in-chans to change the model's input channels)", 2)
-        result = timm_deprune.prune(dense, config, input_size=size)
+        calibration = None
+        if args.calibration_dir is not None:
+            bar.set_description(f"read calibration images from {args.calibration_dir}")
+            calibration = calibration_batches(dense, args.calibration_dir, args.calibration_samples,
+                                              args.batch_size, args.workers)
+            bar.set_description(f"prune ({config.method}, calibrated)")
+        result = timm_deprune.prune(dense, config, input_size=size, calibration=calibration)
         bar.update()
         model = result.model
         recal = None
@@ -182,6 +196,11 @@ def cmd_prune(args: argparse.Namespace) -> None:
           f" ({1 - report.params_after / max(report.params_before, 1):.1%} fewer, non-zero)")
     print(f"  masks        decided in {report.decide_seconds * 1e3:.1f} ms; dead DW channels removed"
           f" {report.dead_channels_removed}, kept behind a gate {report.dead_channels_kept}")
+    if result.calibration:
+        cal = result.calibration
+        print(f"  calibration  {cal['samples']} images, importance {cal['importance']}, reconstruct"
+              f" {cal['reconstruct']} ({cal['layers_refit']} layers refit), {cal['calibration_seconds']:.1f} s,"
+              f" peak memory {cal['peak_rss_mb']:.0f} MiB")
     for s in report.skipped:
         print(f"  left dense   {s}")
     if recal:

@@ -59,7 +59,10 @@ def unit_scores(kind: str, path: str, module: nn.Module, importance, weights: to
         scores = w.abs() if kind == "dw" else w.abs().sum(1)
     elif importance == "l2":
         scores = w.square() if kind == "dw" else w.norm(dim=1)
-    else:  # "bn_scaled"
+    elif importance != "bn_scaled":
+        raise ValueError(f"importance {importance!r} ranks {where} with calibration statistics: it needs"
+                         " prune(model, config, calibration=batches)")
+    else:
         if scale is None:
             raise ValueError(f"importance 'bn_scaled' needs a BatchNorm after {where}; none found")
         scores = w.abs() * scale[:, None, None] if kind == "dw" else w.norm(dim=1) * scale

@@ -5,17 +5,19 @@ import copy
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from timm.layers import Conv2dSame, MixedConv2d
 
-from ..config import DepruneConfig, resolve_ratios
+from ..config import CALIBRATED_IMPORTANCE, DepruneConfig, resolve_ratios
 from ..data import model_input_size
+from .calibrator import Calibrator, collect_inputs, max_rss_mb, pw_saliency
 from .groups import find_channel_groups, group_splits, is_depthwise
 from .importance import dw_scores, filter_scores, following_bn_scales
+from .obs import can_refit, obs_select, refit_kept_taps
 from .plan import DWLayerPlan, PrunePlan, PWLayerPlan, apply_pw
 from .report import LayerReport, PruneReport, count_macs
 from .select import kept_pw_count, select_dw_taps, select_pw_channels
@@ -37,6 +39,7 @@ class PruneResult:
     plan: PrunePlan
     masks: dict[str, torch.Tensor]
     report: PruneReport
+    calibration: Optional[dict] = None  # how calibration data was used, its time and memory (None: not given)
 
 
 def depthwise_convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
@@ -74,7 +77,8 @@ def _params(model: nn.Module) -> int:
 
 
 def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
-          input_size: Optional[Sequence[int]] = None) -> PruneResult:
+          input_size: Optional[Sequence[int]] = None, calibration: Optional[Iterable] = None,
+          calibration_samples: Optional[int] = None) -> PruneResult:
     """Prune the depth-wise separable convs of ``model`` as ``config`` says (ARCHITECTURE.md §1).
 
     Point-wise filter pruning first (block-internal channels only, with channel surgery), then DCP / BWT / HSR on
@@ -86,6 +90,11 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
         config: ratios and method.
         inplace: prune ``model`` itself.
         input_size: ``(C, H, W)`` for the FLOPs report; default the model's own (timm's data config).
+        calibration: input tensors, ``(input, target)`` pairs or a DataLoader (labels ignored). Needed by
+            ``importance="obs"``; with it (and ``reconstruct`` not False) kept weights are refit layer by layer
+            against the dense network; with ``reconstruct=False`` BN statistics are re-estimated on it instead
+            (ARCHITECTURE.md §9).
+        calibration_samples: use at most this many calibration samples.
 
     Example:
         >>> import timm
@@ -102,8 +111,21 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
     _check_supported(model, dws)
     if any(hasattr(m, "mask") for _, m in dws):
         raise ValueError("model is already pruned (it has masked depth-wise convs); prune the dense model")
+    if calibration is None and config.importance in CALIBRATED_IMPORTANCE:
+        raise ValueError(f"importance={config.importance!r} ranks with calibration statistics: pass"
+                         " prune(model, config, calibration=batches) with input tensors, (input, target) pairs or a"
+                         " DataLoader")
+    if calibration is None and config.reconstruct:
+        raise ValueError("reconstruct=True refits the kept weights on calibration data: pass calibration=batches"
+                         " or leave reconstruct unset")
     if not inplace:
         model = copy.deepcopy(model)
+    t_cal = time.perf_counter()
+    inputs = collect_inputs(calibration, calibration_samples) if calibration is not None else None
+    reconstruct = inputs is not None and config.reconstruct is not False
+    obs = config.importance in CALIBRATED_IMPORTANCE
+    dense = copy.deepcopy(model) if reconstruct else None
+    cal_seconds = time.perf_counter() - t_cal
     size = model_input_size(model, input_size)
     before = count_macs(model, size)
     params_before = _params(model)
@@ -115,14 +137,19 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
     pw_ratios = resolve_ratios(config.pw_ratio, [g.producer for g in groups], "pw_ratio")
     pw_kept: dict[str, torch.Tensor] = {}
     pw_dense: dict[str, int] = {}
+    t_cal = time.perf_counter()
+    pw_obs = pw_saliency(model, groups, inputs) if obs and any(pw_ratios.values()) else {}
+    cal_seconds += time.perf_counter() - t_cal
     for g in groups:
         ratio = pw_ratios.get(g.producer, 0.0)
         producer = model.get_submodule(g.producer)
         channels = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
         t0 = time.perf_counter()
         keep = kept_pw_count(channels, ratio, config.pw_tile, config.min_keep)
-        kept = (select_pw_channels(filter_scores(model, g, config.importance), keep, group_splits(model, g))
-                if keep < channels else torch.arange(channels))
+        scores = pw_obs[g.producer] if obs and keep < channels else (
+            filter_scores(model, g, config.importance) if keep < channels else None)
+        kept = (select_pw_channels(scores, keep, group_splits(model, g)) if keep < channels
+                else torch.arange(channels))
         decide += time.perf_counter() - t0
         pw_kept[g.producer] = kept
         pw_dense[g.producer] = channels
@@ -136,19 +163,43 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
     dw_ratios = resolve_ratios(config.dw_ratio, [p for p, _ in dws], "dw_ratio")
     bn_of = following_bn_scales(model) if config.importance == "bn_scaled" else {}
     group_of_dw = {g.dw: g for g in groups if g.dw is not None}
-    select = lambda scores, ratio: select_dw_taps(  # noqa: E731
-        scores, ratio, balance=config.balance, align=config.align, tile=config.tile, group=config.group,
-        min_keep=config.min_keep, block=config.block)
+    opts = dict(balance=config.balance, align=config.align, tile=config.tile, group=config.group,
+                min_keep=config.min_keep, block=config.block)
+
+    def select(path, conv, ratio, hessian):
+        """The layer's selection and, with calibration data, its refit weight (None: weights unchanged)."""
+        if obs:
+            return obs_select(conv.weight, hessian, ratio, **opts)
+        sel = select_dw_taps(dw_scores(path, conv, config.importance, bn_of), ratio, **opts)
+        return sel, (refit_kept_taps(conv.weight, hessian, sel.mask) if reconstruct else None)
+
+    calib = Calibrator(model, dense if dense is not None else model, inputs) if (obs or reconstruct) else None
+    # with reconstruct every 1x1 conv / Linear is refit in network order (outputs pruned: against the kept rows)
+    rows_of = {g.producer: pw_kept[g.producer] for g in groups if len(pw_kept[g.producer]) < pw_dense[g.producer]}
+    rows_of.update({f"{g.se}.{n}": pw_kept[g.producer] for g in groups if g.se and g.producer in rows_of
+                    for n in ("conv_expand", "fc2")})
+    refit_at = ({p for p, m in model.named_modules() if can_refit(m) and not config.is_ignored(p)} if reconstruct
+                else set())
+    index = {p: i for i, (p, _) in enumerate(model.named_modules())}
+    events = sorted([(index[p], p) for p, _ in dws] + [(index[c], c) for c in refit_at])
+    refit: list[str] = []
     masks: dict[str, torch.Tensor] = {}
     dw_plans: list[DWLayerPlan] = []
     pw_dead: dict[str, tuple[int, ...]] = {}
     dead_removed = dead_kept = 0
-    for path, conv in dws:
+    dw_convs = dict(dws)
+    for _, path in events:
+        if path not in dw_convs:  # a consumer: refit it on the pruned network's inputs
+            if calib.refit(path, rows_of.get(path)):
+                refit.append(path)
+            continue
+        conv = model.get_submodule(path)
         ratio = dw_ratios.get(path, 0.0)
         if ratio <= 0.0:
             continue
+        hessian = calib.hessian(path) if calib is not None else None
         t0 = time.perf_counter()
-        sel = select(dw_scores(path, conv, config.importance, bn_of), ratio)
+        sel, weight = select(path, conv, ratio, hessian)
         decide += time.perf_counter() - t0
         dead = sel.dead_channels
         removed = 0
@@ -164,8 +215,12 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
             if bn_of:  # channels moved: the BN scales must follow
                 bn_of = following_bn_scales(model)
             ratio2 = max((ratio * channels - removed) / (channels - removed), 0.0)
+            if hessian is not None:
+                alive = torch.ones(channels, dtype=torch.bool)
+                alive[dead] = False
+                hessian = hessian[alive]
             t0 = time.perf_counter()
-            sel = select(dw_scores(path, conv, config.importance, bn_of), ratio2)
+            sel, weight = select(path, conv, ratio2, hessian)
             decide += time.perf_counter() - t0
         dead_removed += removed
         dead_kept += len(sel.dead_channels)
@@ -177,7 +232,15 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
             achieved_ratio=pruned / ((conv.out_channels + removed) * k), min_group_ratio=sel.min_group_ratio,
             max_group_ratio=sel.max_group_ratio, aligned=sel.aligned, direction=sel.direction, group=config.group,
             tile=config.tile, balanced=config.balance, dead_removed=removed))
+        if weight is not None:
+            with torch.no_grad():
+                conv.weight.copy_(weight.to(conv.weight))
         model.set_submodule(path, to_masked(conv, sel.mask))
+
+    calibration_info = None
+    if inputs is not None:
+        calibration_info = _finish_calibration(model, inputs, refit, calib, config, reconstruct)
+        calibration_info["calibration_seconds"] += cal_seconds
 
     pw_plans = tuple(
         PWLayerPlan(g.producer, g.consumer, g.block, pw_dense[g.producer], pw_ratios.get(g.producer, 0.0),
@@ -189,6 +252,8 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
     stats = {"input_size": list(size), "macs_before": sum(v[0] for v in before.values()),
              "macs_after": sum(v[0] for v in after.values()), "params_before": params_before,
              "params_after": _params(model), "decide_seconds": decide}
+    if calibration_info is not None:
+        stats["calibration"] = calibration_info
     plan = PrunePlan(config=config.to_dict(), dw=tuple(dw_plans), pw=pw_plans, arch=arch, extra={"stats": stats})
     model.deprune_plan = plan  # save_pretrained / push_to_hub read it
     _warn_if_nothing_pruned(config, dw_plans, dw_ratios, pw_kept, pw_dense, pw_ratios)
@@ -198,8 +263,34 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
         layers=tuple(rows), input_size=size,
         macs_before=stats["macs_before"], macs_after=stats["macs_after"], params_before=params_before,
         params_after=stats["params_after"], decide_seconds=decide,
-        dead_channels_removed=dead_removed, dead_channels_kept=dead_kept, skipped=tuple(skipped))
-    return PruneResult(model=model, plan=plan, masks=masks, report=report)
+        dead_channels_removed=dead_removed, dead_channels_kept=dead_kept, skipped=tuple(skipped),
+        calibration_seconds=calibration_info["calibration_seconds"] if calibration_info else None,
+        calibration_peak_mb=calibration_info["peak_rss_mb"] if calibration_info else None)
+    return PruneResult(model=model, plan=plan, masks=masks, report=report, calibration=calibration_info)
+
+
+def _finish_calibration(model, inputs, refit, calib, config, reconstruct) -> dict:
+    """Without reconstruction, re-estimate BN statistics on the calibration data; say what calibration did and cost.
+
+    With reconstruction every layer was fit to reproduce the dense network's activations under its BN statistics,
+    so those stay: replacing them by the calibration set's (a few hundred images, batch statistics) undid most of
+    what the refits gained on Lite0 (ARCHITECTURE.md §9).
+    """
+    from ..recalibrate import recalibrate_bn
+
+    t0 = time.perf_counter()
+    if calib is not None:
+        calib.close()
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not reconstruct:
+        recalibrate_bn(model, inputs, num_batches=len(inputs))
+    info = {"samples": sum(len(x) for x in inputs), "batches": len(inputs), "importance": str(config.importance),
+            "reconstruct": reconstruct, "layers_refit": len(refit), "bn_reestimated": 0 if reconstruct else len(bns)}
+    stats = calib.stats() if calib is not None else {"calibration_seconds": 0.0, "calibration_cache_mb": 0.0,
+                                                      "peak_rss_mb": max_rss_mb(), "peak_rss_rise_mb": 0.0}
+    info.update(stats)
+    info["calibration_seconds"] += time.perf_counter() - t0
+    return info
 
 
 def _warn_if_nothing_pruned(config: DepruneConfig, dw_plans, dw_ratios, pw_kept, pw_dense, pw_ratios) -> None:

@@ -44,6 +44,8 @@ class PruneReport:
     dead_channels_removed: int
     dead_channels_kept: int  # all-pruned DW channels behind a gate (SE): kept, they output a constant
     skipped: tuple[str, ...] = field(default_factory=tuple)  # DW convs left dense, with the reason
+    calibration_seconds: Optional[float] = None  # wall time spent on calibration data (None: none given)
+    calibration_peak_mb: Optional[float] = None  # peak resident memory of the process while calibrating, MiB
 
     def table(self) -> str:
         """The per-layer table as fixed-width text."""
@@ -64,8 +66,13 @@ class PruneReport:
         return (f"MACs {self.macs_before / 1e6:.1f}M -> {self.macs_after / 1e6:.1f}M"
                 f" ({1 - self.macs_after / max(self.macs_before, 1):.1%} fewer), params {self.params_before / 1e6:.3f}M"
                 f" -> {self.params_after / 1e6:.3f}M at input {list(self.input_size)}; masks decided in"
-                f" {self.decide_seconds * 1e3:.1f} ms; dead DW channels removed {self.dead_channels_removed},"
-                f" kept behind a gate {self.dead_channels_kept}")
+                f" {self.decide_seconds * 1e3:.1f} ms{self._calibration_text()}; dead DW channels removed"
+                f" {self.dead_channels_removed}, kept behind a gate {self.dead_channels_kept}")
+
+    def _calibration_text(self) -> str:
+        if self.calibration_seconds is None:
+            return ""
+        return f", calibration {self.calibration_seconds:.1f} s (peak memory {self.calibration_peak_mb:.0f} MiB)"
 
     def __str__(self) -> str:
         return self.table() + "\n" + self.summary()

@@ -16,7 +16,7 @@ import torch
 from ..config import ALIGN_MODES
 from ..kernels.plan import GROUP_SIZE
 
-__all__ = ["DWSelection", "select_dw_taps", "aligned_count", "balanced_magnitude_mask", "kept_pw_count",
+__all__ = ["DWSelection", "select_dw_taps", "selection_of", "aligned_count", "balanced_magnitude_mask", "kept_pw_count",
            "select_pw_channels"]
 
 
@@ -123,7 +123,7 @@ def select_dw_taps(scores: torch.Tensor, ratio: float, *, balance: bool, align: 
         pruned = ~_prune_lowest(flat.reshape(1, -1), torch.tensor([total]))[0].reshape(c, k)
         if align == "none":
             mask = ~pruned
-            return _selection(mask.reshape(c, kh, kw), ratio, bounds, k, False, align)
+            return selection_of(mask.reshape(c, kh, kw), ratio, bounds, k, False, align)
         targets = [float(pruned[g0:g1].sum()) for g0, g1 in bounds]
     counts = [aligned_count(t, n, tile, align, min_keep) for t, n in zip(targets, columns)]
 
@@ -136,7 +136,7 @@ def select_dw_taps(scores: torch.Tensor, ratio: float, *, balance: bool, align: 
         g0, g1 = bounds[-1]
         part = flat[g0:g1].reshape(1, -1)
         mask[g0:g1] = _prune_lowest(part, torch.tensor([counts[-1]], device=scores.device)).reshape(-1, k)
-    return _selection(mask.reshape(c, kh, kw), ratio, bounds, k, align != "none", align)
+    return selection_of(mask.reshape(c, kh, kw), ratio, bounds, k, align != "none", align)
 
 
 def _select_blocks(flat: torch.Tensor, shape, ratio: float, balance: bool, align: str, tile: int, group: int,
@@ -157,10 +157,11 @@ def _select_blocks(flat: torch.Tensor, shape, ratio: float, balance: bool, align
                          group=group // block, min_keep=-(-min_keep // block), block=1)
     mask = sel.mask.to(flat.device).repeat_interleave(block, dim=0)[:c]
     bounds = [(g0, min(g0 + group, c)) for g0 in range(0, c, group)]
-    return _selection(mask, ratio, bounds, kh * kw, sel.aligned, align)
+    return selection_of(mask, ratio, bounds, kh * kw, sel.aligned, align)
 
 
-def _selection(mask: torch.Tensor, ratio: float, bounds, k: int, aligned: bool, align: str) -> DWSelection:
+def selection_of(mask: torch.Tensor, ratio: float, bounds, k: int, aligned: bool, align: str) -> DWSelection:
+    """The :class:`DWSelection` of ``mask`` ``[C, kh, kw]`` with groups ``bounds`` (``(first, end)`` channels)."""
     per_channel_pruned = k - mask.reshape(mask.shape[0], k).sum(1)
     group_pruned = tuple(int(per_channel_pruned[g0:g1].sum()) for g0, g1 in bounds)
     group_ratios = tuple(p / ((g1 - g0) * k) for p, (g0, g1) in zip(group_pruned, bounds))
