@@ -1,6 +1,8 @@
 """Shared helpers of the test suite: the float64 reference conv and random masks."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -41,6 +43,43 @@ def assert_matches_reference(y: torch.Tensor, ref: torch.Tensor, rtol: float = 1
 
 def random_mask(channels: int, kh: int, kw: int, keep: float, gen: torch.Generator) -> torch.Tensor:
     return torch.rand(channels, kh, kw, generator=gen) < keep
+
+
+def supported_isas() -> list[str]:
+    """The CPU kernels' instruction sets this CPU runs (none when the extension is not built)."""
+    from timm_deprune.kernels.backend import backend_available, load_extension
+
+    if not backend_available():
+        return []
+    return [name for name in ("generic", "avx2", "avx512") if load_extension().cpu_isa_supported(name)]
+
+
+@contextlib.contextmanager
+def forced_isa(name: str):
+    """Run the CPU kernels on instruction set ``name`` inside the block, restoring the previous one after."""
+    from timm_deprune.kernels.backend import load_extension
+
+    native = load_extension()
+    previous = native.cpu_isa()
+    native.set_cpu_isa(name)
+    try:
+        yield name
+    finally:
+        native.set_cpu_isa(previous)
+
+
+def pytest_generate_tests(metafunc):
+    """A test taking the ``isa`` fixture runs once per supported instruction set (resolved when its module is
+    collected, so importing this conftest loads nothing)."""
+    if "isa" in metafunc.fixturenames:
+        metafunc.parametrize("isa", supported_isas(), indirect=True)
+
+
+@pytest.fixture
+def isa(request):
+    """The instruction set the CPU kernels run during the test (see ``pytest_generate_tests``)."""
+    with forced_isa(request.param):
+        yield request.param
 
 
 @pytest.fixture

@@ -20,15 +20,7 @@ from timm_deprune.kernels.geometry import output_size
 from timm_deprune.kernels.launch import CUDA_DTYPE_CODES
 
 _C = load_extension()
-ISAS = [isa for isa in ("generic", "avx2", "avx512") if _C.cpu_isa_supported(isa)]
 
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    previous = _C.cpu_isa()
-    _C.set_cpu_isa(request.param)
-    yield request.param
-    _C.set_cpu_isa(previous)
 
 
 def kept_taps_reference(x, weight, mask, bias, stride, pad):

@@ -14,7 +14,6 @@ if not hasattr(_C, "PackedGemm"):
     pytest.skip("the installed timm_deprune._C has no packed GEMM (PackedGemm): rebuild the extension",
                 allow_module_level=True)
 
-ISAS = [isa for isa in ("generic", "avx2", "avx512") if _C.cpu_isa_supported(isa)]
 ACTIVATIONS = {
     "none": lambda y: y,
     "relu": lambda y: np.maximum(y, 0.0),
@@ -23,14 +22,6 @@ ACTIVATIONS = {
     "hardswish": lambda y: y * np.clip(y + 3.0, 0.0, 6.0) / 6.0,
 }
 
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    """Run once per instruction set this CPU supports, restoring the previous one afterwards."""
-    previous = _C.cpu_isa()
-    _C.set_cpu_isa(request.param)
-    yield request.param
-    _C.set_cpu_isa(previous)
 
 
 def reference(x, w, bias, activation, residual):

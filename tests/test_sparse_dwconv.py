@@ -8,25 +8,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_matches_reference, random_mask, reference_dwconv
+from conftest import assert_matches_reference, forced_isa, random_mask, reference_dwconv, supported_isas
 from timm_deprune.pruning.select import balanced_magnitude_mask
 from timm_deprune import build_plan, sparse_dwconv2d
-from timm_deprune.kernels.backend import load_extension
 from timm_deprune.kernels.activations import ACTIVATIONS
 from timm_deprune.kernels.geometry import output_size, resolve_padding
 from timm_deprune.kernels.launch import launch as _launch
 
-_C = load_extension()
-ISAS = [isa for isa in ("generic", "avx2", "avx512") if _C.cpu_isa_supported(isa)]
 
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    """Run the test once per instruction set this CPU supports, restoring the default afterwards."""
-    previous = _C.cpu_isa()
-    _C.set_cpu_isa(request.param)
-    yield request.param
-    _C.set_cpu_isa(previous)
 
 
 def run_case(gen, *, n=2, c=8, h=9, w=11, kernel=(3, 3), stride=1, padding=1, dilation=1, layout="nchw",
@@ -182,15 +171,11 @@ def test_thread_count_taken_at_call_time(gen, isa):
     kh=st.sampled_from([1, 3, 5, 7]), kw=st.sampled_from([1, 3, 5, 9]), stride=st.sampled_from([1, 2]),
     dilation=st.sampled_from([1, 2]), keep=st.floats(0.0, 1.0), layout=st.sampled_from(["nchw", "cl"]),
     activation=st.sampled_from(list(ACTIVATIONS)), same=st.booleans(), seed=st.integers(0, 2**31 - 1),
-    isa=st.sampled_from(ISAS),
+    isa=st.sampled_from(supported_isas()),
 )
 def test_random_shapes_hypothesis(n, c, h, w, kh, kw, stride, dilation, keep, layout, activation, same, seed, isa):
-    previous = _C.cpu_isa()
-    _C.set_cpu_isa(isa)  # drawn, not a fixture: hypothesis reruns the body, a function-scoped fixture would not
-    try:
+    with forced_isa(isa):  # drawn, not a fixture: hypothesis reruns the body, a function-scoped fixture would not
         _random_shape_case(n, c, h, w, kh, kw, stride, dilation, keep, layout, activation, same, seed)
-    finally:
-        _C.set_cpu_isa(previous)
 
 
 def _random_shape_case(n, c, h, w, kh, kw, stride, dilation, keep, layout, activation, same, seed):
