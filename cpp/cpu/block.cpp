@@ -318,16 +318,9 @@ void NativeBlock::run_stages(const float* x, float* y, int64_t N, const std::vec
       int32_t pads[4];
       int64_t oh, ow;
       resolve_pads(d, din, pads, &oh, &ow);
-      DWConvArgs a{};
-      a.shape = DWConvShape{N, d.C, din.H, din.W, oh, ow, d.kh, d.kw, d.sh, d.sw, 1, 1, pads[0], pads[2]};
-      a.taps = SparseTaps{d.offsets.data(), d.taps.data(), d.values.data()};
-      a.block = BlockTaps{d.block_offsets.data(), d.block_taps.data(), d.block_values.data()};
-      a.bias = d.bias.empty() ? nullptr : d.bias.data();
-      a.act = d.act;
-      a.layout = Layout::NHWC;
-      a.x = cur;
-      a.y = dst;
-      sparse_dwconv2d(a, threads);
+      sparse_dwconv2d(
+          d.args(DWConvShape{N, d.C, din.H, din.W, oh, ow, d.kh, d.kw, d.sh, d.sw, 1, 1, pads[0], pads[2]}, cur, dst),
+          threads);
       if (last && residual_) {
         const int64_t total = N * out.H * out.W * out.C;
         const int64_t tasks = std::min<int64_t>(4 * threads, std::max<int64_t>(1, total / 16384));

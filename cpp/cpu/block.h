@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "deprune/dwconv.h"
+#include "dwconv_cpu.h"  // DWConvArgs
 #include "gemm.h"
 
 namespace deprune {
@@ -29,6 +30,20 @@ struct BlockDW {
   std::vector<int32_t> offsets, taps, block_offsets, block_taps;
   std::vector<float> values, block_values, bias;  // bias empty: none
   Activation act;
+
+  // The DW kernel's arguments for this stage over `shape` (NHWC), reading x and writing y.
+  DWConvArgs args(const DWConvShape& shape, const float* x, float* y) const {
+    DWConvArgs a{};
+    a.shape = shape;
+    a.taps = SparseTaps{offsets.data(), taps.data(), values.data()};
+    a.block = BlockTaps{block_offsets.data(), block_taps.data(), block_values.data()};
+    a.bias = bias.empty() ? nullptr : bias.data();
+    a.act = act;
+    a.layout = Layout::NHWC;
+    a.x = x;
+    a.y = y;
+    return a;
+  }
 };
 
 struct BlockSE {

@@ -74,17 +74,9 @@ bool NativeBlock::run_banded(const float* x, float* y, int64_t N, const std::vec
       dw_in = e;
     }
     float* dst = has_se ? full + n * dwo_image + oy0 * OW * d.C : d_buf.reserve((oy1 - oy0) * OW * d.C);
-    DWConvArgs a{};
-    a.shape = DWConvShape{1, d.C, iy_hi - iy_lo, mid.W, oy1 - oy0, OW, d.kh, d.kw, d.sh, d.sw, 1, 1,
-                          static_cast<int32_t>(iy_lo - (oy0 * d.sh - pads[0])), pads[2]};
-    a.taps = SparseTaps{d.offsets.data(), d.taps.data(), d.values.data()};
-    a.block = BlockTaps{d.block_offsets.data(), d.block_taps.data(), d.block_values.data()};
-    a.bias = d.bias.empty() ? nullptr : d.bias.data();
-    a.act = d.act;
-    a.layout = Layout::NHWC;
-    a.x = dw_in;
-    a.y = dst;
-    sparse_dwconv2d(a, 1);
+    const DWConvShape band{1, d.C, iy_hi - iy_lo, mid.W, oy1 - oy0, OW, d.kh, d.kw, d.sh, d.sw, 1, 1,
+                           static_cast<int32_t>(iy_lo - (oy0 * d.sh - pads[0])), pads[2]};
+    sparse_dwconv2d(d.args(band, dw_in, dst), 1);
     if (has_se) {  // per-row channel sums in fp32; the gate adds the rows in fp64, in row order
       for (int64_t r = 0; r < oy1 - oy0; ++r) {
         float* sum = row_sums + (n * OH + oy0 + r) * d.C;
