@@ -119,31 +119,40 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "dwconv2d_cuda",
       [](std::uintptr_t x, std::uintptr_t y, std::uintptr_t offsets, std::uintptr_t taps, std::uintptr_t weights,
-         std::uintptr_t bias, const Launch& launch, int32_t dtype, int32_t device, std::uintptr_t stream) {
+         std::uintptr_t block_offsets, std::uintptr_t block_taps, std::uintptr_t block_weights, std::uintptr_t bias,
+         const Launch& launch, int32_t dtype, int32_t device, std::uintptr_t stream) {
         if (dtype < 0 || dtype > 2) throw std::invalid_argument("dtype code must be 0, 1 or 2");
         SparseTaps t{ptr<const int32_t>(offsets), ptr<const int32_t>(taps), ptr<const float>(weights)};
-        cuda::sparse_dwconv2d(launch.shape, t, ptr<const float>(bias), launch.act, static_cast<DType>(dtype),
+        BlockTaps b{ptr<const int32_t>(block_offsets), ptr<const int32_t>(block_taps), ptr<const float>(block_weights)};
+        cuda::sparse_dwconv2d(launch.shape, t, b, ptr<const float>(bias), launch.act, static_cast<DType>(dtype),
                               launch.layout, ptr<const void>(x), ptr<void>(y), device, stream);
       },
-      py::arg("x"), py::arg("y"), py::arg("offsets"), py::arg("taps"), py::arg("weights"), py::arg("bias"),
-      py::arg("launch"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
-      "Sparse depth-wise conv on a CUDA device; pointers are device data_ptr() integers, stream a cudaStream_t.");
+      py::arg("x"), py::arg("y"), py::arg("offsets"), py::arg("taps"), py::arg("weights"), py::arg("block_offsets"),
+      py::arg("block_taps"), py::arg("block_weights"), py::arg("bias"), py::arg("launch"), py::arg("dtype"),
+      py::arg("device"), py::arg("stream"),
+      "Sparse depth-wise conv on a CUDA device; pointers are device data_ptr() integers, stream a cudaStream_t."
+      " NCHW reads the per-channel taps, channels_last the block taps.");
 
   m.def(
       "dwconv2d_cuda_emulate",
       [](std::uintptr_t x, std::uintptr_t y, std::uintptr_t offsets, std::uintptr_t taps, std::uintptr_t weights,
-         std::uintptr_t bias, const Launch& launch, int32_t dtype) {
+         std::uintptr_t block_offsets, std::uintptr_t block_taps, std::uintptr_t block_weights, std::uintptr_t bias,
+         const Launch& launch, int32_t dtype, int32_t sms) {
         if (dtype < 0 || dtype > 2)
           throw std::invalid_argument("dtype code must be 0, 1 or 2, got " + std::to_string(dtype));
+        if (sms < 1) throw std::invalid_argument("sms must be >= 1, got " + std::to_string(sms));
         SparseTaps t{ptr<const int32_t>(offsets), ptr<const int32_t>(taps), ptr<const float>(weights)};
+        BlockTaps b{ptr<const int32_t>(block_offsets), ptr<const int32_t>(block_taps), ptr<const float>(block_weights)};
         py::gil_scoped_release release;
-        sparse_dwconv2d_emulate_cuda(launch.shape, t, ptr<const float>(bias), launch.act, static_cast<DType>(dtype),
-                                     launch.layout, ptr<const void>(x), ptr<void>(y));
+        sparse_dwconv2d_emulate_cuda(launch.shape, t, b, ptr<const float>(bias), launch.act, static_cast<DType>(dtype),
+                                     launch.layout, ptr<const void>(x), ptr<void>(y), sms);
       },
-      py::arg("x"), py::arg("y"), py::arg("offsets"), py::arg("taps"), py::arg("weights"), py::arg("bias"),
-      py::arg("launch"), py::arg("dtype") = 0,
-      "Runs the CUDA kernel's block program on the host, launch by launch and block by block (host pointers; x / y"
-      " fp32, fp16 or bf16 by dtype code 0 / 1 / 2): tests its index math, barriers and grid split.");
+      py::arg("x"), py::arg("y"), py::arg("offsets"), py::arg("taps"), py::arg("weights"), py::arg("block_offsets"),
+      py::arg("block_taps"), py::arg("block_weights"), py::arg("bias"), py::arg("launch"), py::arg("dtype") = 0,
+      py::arg("sms") = 132,
+      "Runs the CUDA kernels' block programs on the host, launch by launch and block by block (host pointers; x / y"
+      " fp32, fp16 or bf16 by dtype code 0 / 1 / 2; `sms` stands for the device's multiprocessor count, which sets"
+      " the channels_last geometry): tests their index math, barriers and grid split.");
 
   m.def("cuda_compiled", &cuda::compiled, "True when built with the CUDA kernels.");
   m.def("cuda_device_count", &cuda::device_count, "Visible CUDA devices as seen by the extension's runtime.");

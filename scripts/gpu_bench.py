@@ -3,7 +3,9 @@
 
 Layers are the depth-wise convs of mobilenetv2_100 and efficientnet_b0 at 224x224 (read from timm with forward
 hooks when it is installed, else the built-in list). Masks are BWT-balanced: every 32-channel group keeps the same
-number of taps, ranked by |w| within the group. Every (layer, batch, dtype, layout) times dense and each keep ratio
+number of taps, ranked by |w| within the group; `--granularity` picks per-channel masks in the natural channel order
+(element), the same with the channels reordered so that each 8-channel block shares most of its taps (reordered: what
+optimize_for_inference does in channels_last), or one mask per 8-channel block (block:8). Every (layer, batch, dtype, layout) times dense and each keep ratio
 interleaved, with CUDA events, taking the median over repeats; by default each sample replays a CUDA graph of
 `--iters` calls, so the numbers are GPU time, not Python launch overhead (`--mode eager` times plain calls).
 
@@ -23,10 +25,35 @@ import torch
 import torch.nn.functional as F
 
 from timm_deprune import build_plan, sparse_dwconv2d
-from timm_deprune.pruning.select import balanced_magnitude_mask
+from timm_deprune.kernels.plan import block_channel_order
+from timm_deprune.pruning.select import balanced_magnitude_mask, select_dw_taps
 from timm_deprune.kernels.geometry import output_size, resolve_padding
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+GRANULARITIES = ("element", "reordered", "block:8")
+
+
+def variant_key(variant) -> str:
+    """The results key of one mask variant: a keep ratio (element masks) or (keep, granularity)."""
+    keep, gran = variant if isinstance(variant, tuple) else (variant, "element")
+    return f"{keep}" if gran == "element" else f"{keep} {gran}"
+
+
+def variant_label(variant) -> str:
+    keep, gran = variant if isinstance(variant, tuple) else (variant, "element")
+    return f"{keep:.0%}" if gran == "element" else f"{keep:.0%} {gran}"
+
+
+def make_mask(weight: torch.Tensor, keep: float, gran: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, mask) of one variant: reordered permutes the channels (equivalent to a reordered network)."""
+    if gran == "block:8":
+        c, _, kh, kw = weight.shape
+        return weight, select_dw_taps(weight.abs().reshape(c, kh, kw), 1.0 - keep, balance=True, block=8).mask
+    mask = balanced_magnitude_mask(weight, keep)
+    if gran == "reordered":
+        order = block_channel_order(mask.cpu()).to(weight.device)
+        return weight[order].contiguous(), mask[order].contiguous()
+    return weight, mask
 LAYOUTS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
 
 
@@ -138,13 +165,16 @@ def check(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mask: torch.Te
         sys.exit(f"gpu_bench: WRONG RESULT on {layer} dtype={y.dtype} (max error {err:.3g} > {tol:.3g})")
 
 
-def bench_layer(layer: Layer, batch: int, dtype: torch.dtype, keeps: list[float], args) -> dict:
-    """Times dense (both layouts) and ours (both layouts, every keep ratio) on one layer; ms per call."""
+def bench_layer(layer: Layer, batch: int, dtype: torch.dtype, variants: list, args) -> dict:
+    """Times dense (both layouts) and ours (both layouts, every mask variant) on one layer; ms per call."""
     kh, kw = layer.kernel
     weight = torch.randn(layer.C, 1, kh, kw, device="cuda")
     x32 = torch.randn(batch, layer.C, layer.H, layer.W, device="cuda")
     top, bottom, left, right = layer.pads
-    plans = {keep: (build_plan(weight, m), m) for keep in keeps for m in [balanced_magnitude_mask(weight, keep)]}
+    plans = {}
+    for v in variants:
+        w_v, m_v = make_mask(weight, *v)
+        plans[variant_key(v)] = (build_plan(w_v, m_v), m_v, w_v)
     names, fns = [], []
     for lname, fmt in LAYOUTS.items():
         x = x32.to(dtype).contiguous(memory_format=fmt)
@@ -155,9 +185,9 @@ def bench_layer(layer: Layer, batch: int, dtype: torch.dtype, keeps: list[float]
         else:  # asymmetric padding needs an explicit pad, timed with the conv as timm's Conv2dSame runs it
             fns.append(lambda x=x, w=w: F.conv2d(F.pad(x, (left, right, top, bottom)), w, None, layer.stride, 0,
                                                   layer.dilation, layer.C))
-        for keep, (plan, mask) in plans.items():
+        for keep, (plan, mask, w_v) in plans.items():
             check(sparse_dwconv2d(x, plan, None, "identity", layer.stride, (left, right, top, bottom),
-                                  layer.dilation), x, weight, mask, layer)
+                                  layer.dilation), x, w_v, mask, layer)
             names.append(("ours", lname, keep))
             fns.append(lambda x=x, plan=plan: sparse_dwconv2d(x, plan, None, "identity", layer.stride,
                                                               (left, right, top, bottom), layer.dilation))
@@ -181,7 +211,8 @@ def summary_rows(results: list[dict], keeps: list[float]) -> list[tuple[str, ...
                   key=lambda k: (k[0], k[1], k[2]))
     for model, dtype, batch in keys:
         rs = [r for r in results if (r["layer"]["model"], r["dtype"], r["batch"]) == (model, dtype, batch)]
-        for keep in keeps:
+        for variant in keeps:
+            keep = variant_key(variant)
             dn = sum(r["ms"]["dense/nchw/dense"] for r in rs)
             dc = sum(r["ms"]["dense/cl/dense"] for r in rs)
             db = sum(min(r["ms"]["dense/nchw/dense"], r["ms"]["dense/cl/dense"]) for r in rs)
@@ -189,7 +220,7 @@ def summary_rows(results: list[dict], keeps: list[float]) -> list[tuple[str, ...
             oc = sum(r["ms"][f"ours/cl/{keep}"] for r in rs)
             ob = sum(min(r["ms"][f"ours/nchw/{keep}"], r["ms"][f"ours/cl/{keep}"]) for r in rs)
             gbs = sum(r["io_bytes"] for r in rs) / (ob * 1e-3) / 1e9
-            rows.append((model, dtype, str(batch), f"{keep:.0%}", f"{dn:.4f}", f"{dc:.4f}", f"{db:.4f}", f"{on:.4f}",
+            rows.append((model, dtype, str(batch), variant_label(variant), f"{dn:.4f}", f"{dc:.4f}", f"{db:.4f}", f"{on:.4f}",
                          f"{oc:.4f}", f"{ob:.4f}", f"{dn / on:.2f}x", f"{dc / oc:.2f}x", f"{db / ob:.2f}x",
                          f"{gbs:.0f}"))
     return rows
@@ -218,6 +249,8 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     parser.add_argument("--keeps", nargs="+", type=float, default=[1.0, 0.5, 0.29], help="kept fraction of taps")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--granularity", nargs="+", choices=GRANULARITIES, default=["element"],
+                        help="mask variants timed at every keep ratio (see above)")
     parser.add_argument("--iters", type=int, default=20, help="calls per timed sample")
     parser.add_argument("--repeats", type=int, default=15, help="timed samples per measurement (median taken)")
     parser.add_argument("--mode", choices=["graph", "eager"], default="graph")
@@ -246,12 +279,13 @@ def main() -> None:
              f"  mode={args.mode} iters={args.iters} repeats={args.repeats}  (ms per call, sums over each model's"
              " depth-wise layers; dense = F.conv2d groups=C (cuDNN); best = faster layout per layer)")
     print(title, flush=True)
+    variants = [(keep, gran) for gran in args.granularity for keep in args.keeps]
     results = []
     with torch.no_grad():  # not inference_mode: build_plan reads weight._version, which inference tensors lack
         for layer in layers:
             for batch in args.batches:
                 for dname in args.dtypes:
-                    results.append(bench_layer(layer, batch, DTYPES[dname], args.keeps, args))
+                    results.append(bench_layer(layer, batch, DTYPES[dname], variants, args))
             print(f"  {layer.model}[{layer.index}] C={layer.C} {layer.H}x{layer.W} k={layer.kernel} s={layer.stride}"
                   " done", file=sys.stderr, flush=True)
     if args.json:
@@ -260,8 +294,8 @@ def main() -> None:
                        "results": results}, f, indent=1)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(markdown(results, args.keeps, title.lstrip("# ")))
-    print(summarize(results, args.keeps))
+            f.write(markdown(results, variants, title.lstrip("# ")))
+    print(summarize(results, variants))
 
 
 if __name__ == "__main__":

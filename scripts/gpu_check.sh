@@ -119,7 +119,7 @@ SANITIZER="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-san
 if [[ -n "$SANITIZER" ]]; then
   for tool in memcheck racecheck; do
     run_stage "compute-sanitizer $tool" 75 "$SANITIZER" --tool "$tool" --error-exitcode 99 --target-processes all \
-      "${PYTEST[@]}" -m gpu tests/test_cuda_kernel.py -k "test_gpu_activations or test_gpu_runs_on_the_current_stream" \
+      "${PYTEST[@]}" -m gpu tests/test_cuda_kernel.py -k "test_gpu_activations or test_gpu_runs_on_the_current_stream or vector_and_scalar" \
       >"$OUT/sanitizer_$tool.log" 2>&1
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/sanitizer_$tool.log" | tail -2 | sed 's/^/    /' \
       >>"$REPORT"
@@ -133,7 +133,7 @@ if [[ $MODE == quick ]]; then LAYER_ARGS=(--repeats 7 --iters 10); MODEL_ARGS=(-
 else LAYER_ARGS=(--repeats 15 --iters 20); MODEL_ARGS=(--repeats 15); LB=1200; MB=1200; fi
 run_stage "layer benchmark: our kernel vs cuDNN, DW layers of efficientnet_b0 and mobilenetv2_100" "$LB" \
   "$PY" scripts/gpu_bench.py --models efficientnet_b0 mobilenetv2_100 --batches 1 64 --dtypes fp16 fp32 \
-  --keeps 1.0 0.5 0.29 "${LAYER_ARGS[@]}" --json "$OUT/gpu_bench.json" --markdown "$OUT/gpu_bench.md"
+  --keeps 1.0 0.29 --granularity element reordered block:8 "${LAYER_ARGS[@]}" --json "$OUT/gpu_bench.json" --markdown "$OUT/gpu_bench.md"
 run_stage "model benchmark: whole models, cuDNN dense vs DEPrune-BH on our kernel" "$MB" \
   "$PY" scripts/benchmark.py model --device cuda --models mobilenetv2_100 efficientnet_b0 --batch 1 64 \
   "${MODEL_ARGS[@]}" --skip dense_compile dense_compile_freeze ours_block_compile ours_block_compile_freeze \

@@ -1,7 +1,7 @@
 """The CUDA sparse depth-wise conv kernel against a float64 reference.
 
-The host emulation (``_C.dwconv2d_cuda_emulate``) runs the kernel's per-thread phases block by block on the CPU, so
-its index math is checked on every machine; tests marked ``gpu`` run the real kernel through ``sparse_dwconv2d``.
+The host emulation (``_C.dwconv2d_cuda_emulate``) runs the kernels' block programs (NCHW and channels_last) block
+by block on the CPU, so their index math is checked on every machine; tests marked ``gpu`` run the real kernel through ``sparse_dwconv2d``.
 Every test draws fresh random data; the seed is printed on failure (set ``DEPRUNE_TEST_SEED`` to replay one).
 """
 from __future__ import annotations
@@ -115,25 +115,41 @@ class Case:
         return x, weight, mask, bias
 
 
-def emulate(case: Case, x: torch.Tensor, plan, bias: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+def emulate(case: Case, x: torch.Tensor, plan, bias: Optional[torch.Tensor], dtype: torch.dtype,
+            sms: int = 132, offset: int = 0) -> torch.Tensor:
     """The CUDA kernel's program run by ``_C.dwconv2d_cuda_emulate`` on ``x`` (NCHW, converted to ``dtype`` and
-    ``case``'s layout); the output starts as NaN, so an element the kernel never writes stays NaN."""
+    ``case``'s layout); the output starts as NaN, so an element the kernel never writes stays NaN. ``sms`` stands for
+    the GPU's multiprocessor count (it sets the channels_last geometry); ``offset`` > 0 places x and y that many
+    elements into their buffers, so they are not 16-byte aligned (the channels_last kernel's scalar path)."""
     pads = case.pads()
     (kh, kw), (sh, sw), (dh, dw) = case.kernel, case.stride, case.dilation
     oh = output_size(case.H, kh, sh, dh, pads[0], pads[1])
     ow = output_size(case.W, kw, sw, dw, pads[2], pads[3])
     fmt = torch.channels_last if case.channels_last else torch.contiguous_format
-    x = x.to(dtype).contiguous(memory_format=fmt)
-    y = torch.empty((case.N, case.C, oh, ow), dtype=dtype, memory_format=fmt).fill_(float("nan"))
+    x = _offset_copy(x.to(dtype).contiguous(memory_format=fmt), offset, fmt)
+    y = _offset_copy(torch.full((case.N, case.C, oh, ow), float("nan"), dtype=dtype), offset, fmt)
     launch = _C.Launch(N=case.N, C=case.C, H=case.H, W=case.W, OH=oh, OW=ow, kh=kh, kw=kw, stride=(sh, sw),
                        dilation=(dh, dw), pad_top=pads[0], pad_left=pads[2], activation=ACTIVATIONS[case.act],
                        layout=int(case.channels_last))
     _C.dwconv2d_cuda_emulate(
         x.data_ptr(), y.data_ptr(), plan.offsets.data_ptr(), plan.taps.data_ptr(), plan.values.data_ptr(),
-        bias.data_ptr() if bias is not None else 0, launch, CUDA_DTYPE_CODES[dtype],
+        plan.block_offsets.data_ptr(), plan.block_taps.data_ptr(), plan.block_values.data_ptr(),
+        bias.data_ptr() if bias is not None else 0, launch, CUDA_DTYPE_CODES[dtype], sms,
     )
     assert y.is_contiguous(memory_format=fmt)
     return y
+
+
+def _offset_copy(t: torch.Tensor, offset: int, fmt) -> torch.Tensor:
+    """``t`` copied into a buffer at element ``offset`` (same layout): misaligned by ``offset`` elements."""
+    if offset == 0:
+        return t.contiguous(memory_format=fmt)
+    n, c, h, w = t.shape
+    strides = (c * h * w, 1, w * c, c) if fmt == torch.channels_last else (c * h * w, h * w, w, 1)
+    buf = torch.full((t.numel() + offset,), float("nan"), dtype=t.dtype, device=t.device)
+    view = buf.as_strided(t.shape, strides, offset)
+    view.copy_(t)
+    return view
 
 
 # Unit roundoff of the IO types: a correctly rounded output is within u * |exact| of the exact value.
@@ -151,13 +167,14 @@ def assert_matches_reference_rounded(y: torch.Tensor, ref: torch.Tensor, dtype: 
                            f" worst {float((err - tol).max()):.3g} over {info}")
 
 
-def run_emulation(case: Case, gen: torch.Generator, seed: int, dtype: torch.dtype = torch.float32) -> None:
+def run_emulation(case: Case, gen: torch.Generator, seed: int, dtype: torch.dtype = torch.float32, sms: int = 132,
+                  offset: int = 0) -> None:
     """Emulated kernel against the float64 reference (on the input rounded to ``dtype``)."""
     x, weight, mask, bias = case.make(gen)
     x = x.to(dtype).float()  # the reference sees the same rounded input
     plan = build_plan(weight, mask)
     ref = reference_dwconv(x, weight, mask, bias, case.stride, case.pads(), case.dilation, case.act)
-    y = emulate(case, x, plan, bias, dtype)
+    y = emulate(case, x, plan, bias, dtype, sms, offset)
     assert y.dtype == dtype
     if dtype == torch.float32:
         assert_matches_reference(y, ref, 1e-5, f"{case} seed={seed}")
@@ -315,24 +332,31 @@ def run_pointwise_emulation(case: Case, seed: int) -> None:
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_emulation_splits_more_than_65535_images(channels_last, seed):
-    # Grid z holds at most 65535 images: N = 65537 takes two launches, the second starting at n_base = 65535.
+    # NCHW: grid z holds at most 65535 images, so N = 65537 takes two launches, the second starting at n_base =
+    # 65535. channels_last: the images are strips of grid x (65537 strips).
     case = Case(N=65537, C=3, H=1, W=1, kernel=(1, 1), mask="random", keep=0.7, act="relu6",
                 channels_last=channels_last)
     run_pointwise_emulation(case, seed)
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_emulation_splits_more_than_65535_groups(channels_last, seed):
-    # Grid y holds at most 65535 groups of 32 channels: 65537 groups take two launches (group_base = 65535); the
+def test_emulation_splits_more_than_65535_groups(seed):
+    # NCHW grid y holds at most 65535 groups of 32 channels: 65537 groups take two launches (group_base = 65535); the
     # last group is ragged (5 channels).
-    case = Case(N=1, C=65536 * 32 + 5, H=1, W=1, kernel=(1, 1), mask="random", keep=0.7, act="hardswish",
-                channels_last=channels_last)
+    case = Case(N=1, C=65536 * 32 + 5, H=1, W=1, kernel=(1, 1), mask="random", keep=0.7, act="hardswish")
+    run_pointwise_emulation(case, seed)
+
+
+def test_emulation_splits_more_than_65535_channel_tiles(seed):
+    # channels_last grid y holds at most 65535 tiles of 32 channel blocks (256 channels): 65537 tiles take two
+    # launches (ctile_base = 65535); the last tile is ragged (one channel block of 5 channels: the scalar path).
+    case = Case(N=1, C=65536 * 256 + 5, H=1, W=1, kernel=(1, 1), mask="random", keep=0.7, act="relu",
+                channels_last=True)
     run_pointwise_emulation(case, seed)
 
 
 def test_emulation_rejects_a_bad_dtype_code():
     with pytest.raises(ValueError, match="dtype code must be 0, 1 or 2, got 3"):
-        _C.dwconv2d_cuda_emulate(0, 0, 0, 0, 0, 0, _ONE_PIXEL, 3)
+        _C.dwconv2d_cuda_emulate(0, 0, 0, 0, 0, 0, 0, 0, 0, _ONE_PIXEL, 3)
 
 
 _ONE_PIXEL = _C.Launch(N=1, C=1, H=3, W=3, OH=1, OW=1, kh=3, kw=3, stride=(1, 1), dilation=(1, 1), pad_top=0,
@@ -353,7 +377,7 @@ def test_launch_struct_checks_its_fields(field, value, says):
 
 def test_emulation_rejects_null_pointers():
     with pytest.raises(ValueError, match="null"):
-        _C.dwconv2d_cuda_emulate(0, 0, 0, 0, 0, 0, _ONE_PIXEL)
+        _C.dwconv2d_cuda_emulate(0, 0, 0, 0, 0, 0, 0, 0, 0, _ONE_PIXEL)
 
 
 @pytest.mark.skipif(_C.cuda_device_count() > 0, reason="a CUDA device is visible: the GPU tests cover the launch")
@@ -364,7 +388,8 @@ def test_cuda_entry_point_raises_without_a_device():
     expected = r"cuda(Get|Set)Device.*failed" if _C.cuda_compiled() else "built without CUDA kernels"
     with pytest.raises(RuntimeError, match=expected):
         _C.dwconv2d_cuda(x.data_ptr(), x.data_ptr(), plan.offsets.data_ptr(), plan.taps.data_ptr(),
-                         plan.values.data_ptr(), 0, _ONE_PIXEL, 0, 0, 0)
+                         plan.values.data_ptr(), plan.block_offsets.data_ptr(), plan.block_taps.data_ptr(),
+                         plan.block_values.data_ptr(), 0, _ONE_PIXEL, 0, 0, 0)
 
 
 # --- the kernel on a GPU ---------------------------------------------------------------------------------------
@@ -494,3 +519,58 @@ def test_gpu_device_mismatch_is_an_error():
         sparse_dwconv2d(x, plan.to(x.device), bias=torch.zeros(8))
     with pytest.raises(ValueError, match="but the plan is on cuda"):
         sparse_dwconv2d(x.cpu(), plan.to(x.device))
+
+
+# --- channels_last geometry: every strip / threads / strips-per-thread choice of make_cl_params ---------------------
+
+@pytest.mark.parametrize("sms", [1, 132, 1 << 20], ids=["few-sms", "h100", "many-sms"])
+@pytest.mark.parametrize("C, kernel, stride, N, H, W", [
+    (64, (3, 3), (1, 1), 2, 9, 11),      # vector path, several strips per row and a partial last strip
+    (96, (5, 5), (2, 2), 3, 17, 6),      # stride 2, OW = 3: one strip per row
+    (8, (3, 3), (1, 1), 5, 30, 30),      # one channel block: many slots, several strips per thread
+    (33, (3, 3), (1, 1), 2, 9, 11),      # ragged last block: the scalar path
+    (264, (7, 7), (1, 1), 1, 7, 7),      # 7x7: 20 channel blocks per tile, two tiles (the second ragged)
+    (72, (11, 11), (1, 1), 1, 12, 13),   # 11x11: 8 channel blocks per tile (shared memory)
+])
+def test_emulation_channels_last_geometry(sms, C, kernel, stride, N, H, W, seed):
+    gen = torch.Generator().manual_seed(seed)
+    case = Case(N=N, C=C, H=H, W=W, kernel=kernel, stride=stride, mask="random", act="silu", channels_last=True)
+    run_emulation(case, gen, seed, sms=sms)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_emulation_channels_last_unaligned_buffers(dtype, seed):
+    # x and y one element into their buffers: not 16-byte aligned, so the kernel takes its per-lane path even though
+    # C is a multiple of 8.
+    case = Case(N=2, C=48, H=10, W=9, kernel=(3, 3), mask="balanced", keep=0.29, channels_last=True)
+    run_emulation(case, torch.Generator().manual_seed(seed), seed, dtype, offset=1)
+
+
+def test_emulation_rejects_a_bad_sms():
+    with pytest.raises(ValueError, match="sms must be >= 1, got 0"):
+        _C.dwconv2d_cuda_emulate(0, 0, 0, 0, 0, 0, 0, 0, 0, _ONE_PIXEL, 0, 0)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])
+def test_gpu_channels_last_vector_and_scalar_paths(dtype, offset, seed):
+    # C = 64 with 16-byte aligned buffers runs the vector loads; one element off, the per-lane path. Both must match.
+    case = Case(N=3, C=64, H=20, W=17, kernel=(5, 5), stride=(2, 2), mask="balanced", keep=0.29, act="hardswish",
+                channels_last=True)
+    gen = torch.Generator().manual_seed(seed)
+    x, weight, mask, bias = case.make(gen)
+    x = x.to(dtype)
+    pads = case.pads()
+    ref = reference_dwconv(x, weight, mask, bias, case.stride, pads, case.dilation, case.act)
+    plan = build_plan(weight.cuda(), mask.cuda())
+    xin = _offset_copy(x.cuda().contiguous(memory_format=torch.channels_last), offset, torch.channels_last)
+    out = _offset_copy(torch.full(ref.shape, float("nan"), dtype=dtype, device="cuda"), offset, torch.channels_last)
+    assert (xin.data_ptr() % 16 == 0) == (offset == 0)
+    launch(xin, out, plan.offsets, plan.taps, plan.values, plan.block_offsets, plan.block_taps, plan.block_values,
+           bias.cuda(), *case.kernel, list(case.stride), list(pads), list(case.dilation), ACTIVATIONS[case.act])
+    if dtype == torch.float32:
+        assert_matches_reference(out.cpu(), ref, 1e-5, f"{case} offset={offset} seed={seed}")
+    else:
+        assert_matches_reference_rounded(out.cpu().float(), ref, dtype, f"{case} offset={offset} seed={seed}")

@@ -52,3 +52,23 @@ def test_gpu_bench_sums_layers_and_compares_per_layout():
     lines = md.splitlines()
     assert lines[0] == "title" and lines[2].startswith("| model | dtype |") and len(lines) == 5
     assert lines[4].count("|") == len(header) + 1
+
+
+def test_gpu_bench_mask_granularities():
+    gb = _gpu_bench()
+    from timm_deprune.kernels.plan import block_lanes
+
+    weight = torch.randn(64, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    lanes = {}
+    for gran in gb.GRANULARITIES:
+        w, mask = gb.make_mask(weight, 0.29, gran)
+        assert abs(float(mask.float().mean()) - 0.29) < 0.02, gran
+        lanes[gran] = block_lanes(mask)
+        if gran == "reordered":  # the same per-channel masks, channels permuted together with their weights
+            assert sorted(w.flatten().tolist()) == sorted(weight.flatten().tolist()) and not torch.equal(w, weight)
+    # per 8-channel block: block:8 masks run only kept taps, reordering shrinks the element masks' unions
+    assert lanes["block:8"] < lanes["reordered"] < lanes["element"]
+    results = [_result("m", 0, 64, 2.0, 1.0, {"0.29 block:8": (1.0, 0.25)})]
+    header, row = gb.summary_rows(results, [(0.29, "block:8")])
+    cell = dict(zip(header, row))
+    assert cell["keep"] == "29% block:8" and cell["cl vs cuDNN cl"] == "4.00x"

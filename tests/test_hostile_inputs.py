@@ -92,6 +92,10 @@ def test_custom_op_rejects_bad_arguments_without_crashing(case):
     (lambda p: dict(values=p.values.double()), "torch.float32"),
     (lambda p: dict(offsets=p.offsets.flip(0).contiguous()), "offsets must run"),
     (lambda p: dict(group_nnz=(1, 2, 3)), "group_nnz"),
+    # 10 entries for a 3x3 kernel in the first channel block: more than the CUDA kernel stages per block
+    (lambda p: dict(block_offsets=torch.cat([torch.zeros(1, dtype=torch.int32), p.block_offsets[1:] * 0 + 10]),
+                    block_taps=torch.zeros(10, dtype=torch.int32), block_values=torch.zeros(10, 8)),
+     "a channel block lists 10 taps, more than the kernel's 9"),
 ])
 def test_an_edited_plan_is_checked_when_it_is_made(edit, needle):
     gen = torch.Generator().manual_seed(1)

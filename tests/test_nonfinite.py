@@ -94,7 +94,8 @@ def test_cuda_program_skips_pruned_taps(gen, channels_last, special):
     launch = _C.Launch(N=2, C=40, H=16, W=16, OH=16, OW=16, kh=3, kw=3, stride=(1, 1), dilation=(1, 1), pad_top=1,
                        pad_left=1, activation=ACTIVATIONS["identity"], layout=int(channels_last))
     _C.dwconv2d_cuda_emulate(x.data_ptr(), y.data_ptr(), plan.offsets.data_ptr(), plan.taps.data_ptr(),
-                             plan.values.data_ptr(), bias.data_ptr(), launch, CUDA_DTYPE_CODES[torch.float32])
+                             plan.values.data_ptr(), plan.block_offsets.data_ptr(), plan.block_taps.data_ptr(),
+                             plan.block_values.data_ptr(), bias.data_ptr(), launch, CUDA_DTYPE_CODES[torch.float32])
     assert_same_nonfinite(y, ref, "CUDA program (emulated)")
 
 

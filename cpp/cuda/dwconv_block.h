@@ -1,4 +1,4 @@
-// The CUDA sparse depth-wise conv as __host__ __device__ code: the per-thread phases, the block program that
+// The CUDA sparse depth-wise conv in NCHW as __host__ __device__ code: the per-thread phases, the block program that
 // chains them with barriers (run_block) and the grid split into launches (for_each_launch, block_coord). The CUDA
 // kernel (dwconv_cuda.cu) and the host emulation (dwconv_emulate.cpp) both instantiate run_block and walk the same
 // launches, so the emulation executes the kernel's program, barriers and grid split included, not a copy of it.
@@ -7,10 +7,9 @@
 // output pixels in row-major (oy, ox) order. The group's kept-tap list (its CSR slice plus the 33 per-channel
 // offsets) is staged in shared memory in chunks of at most `chunk` entries; every block of a BWT-balanced layer
 // thus does the same amount of work.
-//   NCHW: warp w computes channels w, w+8, w+16, w+24 of the group; its 32 lanes take consecutive pixels, so
-//         loads and stores of one channel plane are coalesced and the tap loop is warp-uniform (no divergence).
-//   NHWC: lane l computes channel l of the group for pixel slot tid/32; consecutive threads touch consecutive
-//         channels, so stores (and loads of taps shared by neighbouring channels) are coalesced.
+// Warp w computes channels w, w+8, w+16, w+24 of the group; its 32 lanes take consecutive pixels, so loads and stores
+// of one channel plane are coalesced and the tap loop is warp-uniform (no divergence). channels_last has its own
+// program (dwconv_cl.h).
 #pragma once
 
 #include <climits>
@@ -35,8 +34,7 @@ namespace cuda_block {
 constexpr int kGroup = 32;                          // channels per block: one diagonal-wise sub-GEMM (ARCHITECTURE.md §1)
 constexpr int kThreads = 256;                       // threads per block
 constexpr int kWarps = kThreads / 32;               // 8
-constexpr int kChannelsPerWarp = kGroup / kWarps;   // NCHW: 4 channels per warp
-constexpr int kPixelSlots = kThreads / kGroup;      // NHWC: 8 pixels in flight per block
+constexpr int kChannelsPerWarp = kGroup / kWarps;   // 4 channels per warp
 constexpr int kMaxRows = 4;                         // outputs per thread per channel (register accumulators)
 constexpr int kMaxChunk = 2048;                     // shared-memory entries per chunk (16 KiB of 8-byte entries)
 constexpr int kOffsetWords = 34;                    // 33 group offsets + 1 pad word keeps the entries 8-byte aligned
@@ -84,11 +82,9 @@ inline size_t shared_bytes(int32_t chunk) {
 
 // Validates the sizes the kernel's 32-bit index math relies on and derives the launch geometry.
 inline KernelParams make_params(const DWConvShape& s, const SparseTaps& t, const float* bias, Activation act,
-                                Layout layout, const void* x, void* y) {
+                                const void* x, void* y) {
   if (!x || !y || !t.offsets) throw std::invalid_argument("sparse_dwconv2d (CUDA): null x, y or offsets pointer");
-  const int64_t plane = s.H * s.W;
-  const int64_t image = layout == Layout::NHWC ? plane * s.C : plane;
-  if (image > INT32_MAX || s.OH * s.OW > (INT32_MAX >> 1))
+  if (s.H * s.W > INT32_MAX || s.OH * s.OW > (INT32_MAX >> 1))
     throw std::invalid_argument("sparse_dwconv2d (CUDA): spatial size too large for 32-bit indexing, got H=" +
                                 std::to_string(s.H) + " W=" + std::to_string(s.W) + " C=" + std::to_string(s.C) +
                                 " OH=" + std::to_string(s.OH) + " OW=" + std::to_string(s.OW));
@@ -106,7 +102,7 @@ inline KernelParams make_params(const DWConvShape& s, const SparseTaps& t, const
   p.x = x;
   p.y = y;
   p.ohw = static_cast<int32_t>(s.OH * s.OW);
-  const int32_t lanes = layout == Layout::NCHW ? 32 : kPixelSlots;  // pixels covered per row of accumulators
+  const int32_t lanes = 32;  // pixels covered per row of accumulators
   int32_t rows = (p.ohw + lanes - 1) / lanes;
   p.rows = rows < 1 ? 1 : (rows > kMaxRows ? kMaxRows : rows);
   p.tile_pixels = lanes * p.rows;
@@ -222,43 +218,6 @@ DEPRUNE_HD void phase_accumulate_nchw(const KernelParams& p, const BlockCoord& b
   }
 }
 
-// Phase 2 (per chunk), NHWC: accumulate the chunk's entries of this thread's channel for its pixel slot.
-template <class IO>
-DEPRUNE_HD void phase_accumulate_nhwc(const KernelParams& p, const BlockCoord& b, int tid, const void* smem, int32_t k,
-                                      ThreadState& st) {
-  int32_t lo, hi;
-  chunk_range(p, b, k, lo, hi);
-  const int32_t* s_off = shared_offsets(smem);
-  const SharedEntry* s_ent = shared_entries(smem);
-  const int32_t cl = tid % kGroup, slot = tid / kGroup;
-  if (cl >= group_channels(p, b.group)) return;
-  const int32_t C = static_cast<int32_t>(p.s.C);  // H*W*C < 2^31 is checked by make_params
-  const int32_t H = static_cast<int32_t>(p.s.H), W = static_cast<int32_t>(p.s.W), OW = static_cast<int32_t>(p.s.OW);
-  const int64_t image = b.n * p.s.H * p.s.W * p.s.C + b.group * kGroup + cl;
-  int32_t iy0[kMaxRows], ix0[kMaxRows];
-  bool ok[kMaxRows];
-  DEPRUNE_UNROLL
-  for (int j = 0; j < kMaxRows; ++j) {
-    const int32_t pix = b.tile * p.tile_pixels + slot + kPixelSlots * j;
-    ok[j] = j < p.rows && pix < p.ohw;
-    const int32_t oy = ok[j] ? pix / OW : 0;
-    iy0[j] = oy * p.s.stride_h;
-    ix0[j] = (ok[j] ? pix - oy * OW : 0) * p.s.stride_w;
-  }
-  const int32_t e0 = s_off[cl] > lo ? s_off[cl] : lo;
-  const int32_t e1 = s_off[cl + 1] < hi ? s_off[cl + 1] : hi;
-  for (int32_t e = e0; e < e1; ++e) {
-    const SharedEntry ent = s_ent[e - lo];
-    DEPRUNE_UNROLL
-    for (int j = 0; j < kMaxRows; ++j) {
-      const int32_t iy = iy0[j] + ent.dy, ix = ix0[j] + ent.dx;
-      if (ok[j] && static_cast<uint32_t>(iy) < static_cast<uint32_t>(H) &&
-          static_cast<uint32_t>(ix) < static_cast<uint32_t>(W))
-        st.acc[0][j] += ent.w * IO::load(p.x, image + (iy * W + ix) * C);
-    }
-  }
-}
-
 // Phase 3, NCHW: bias + activation epilogue, lanes on consecutive pixels of one channel plane.
 template <class IO>
 DEPRUNE_HD void phase_store_nchw(const KernelParams& p, const BlockCoord& b, int tid, const ThreadState& st) {
@@ -277,39 +236,6 @@ DEPRUNE_HD void phase_store_nchw(const KernelParams& p, const BlockCoord& b, int
       if (j < p.rows && pix < p.ohw) IO::store(p.y, plane + pix, apply_activation(st.acc[ci][j] + bias, p.act));
     }
   }
-}
-
-// Phase 3, NHWC: bias + activation epilogue, consecutive threads on consecutive channels of one pixel.
-template <class IO>
-DEPRUNE_HD void phase_store_nhwc(const KernelParams& p, const BlockCoord& b, int tid, const ThreadState& st) {
-  const int32_t cl = tid % kGroup, slot = tid / kGroup;
-  if (cl >= group_channels(p, b.group)) return;
-  const int64_t c = b.group * kGroup + cl;
-  const float bias = p.bias ? p.bias[c] : 0.f;
-  DEPRUNE_UNROLL
-  for (int j = 0; j < kMaxRows; ++j) {
-    const int32_t pix = b.tile * p.tile_pixels + slot + kPixelSlots * j;
-    if (j < p.rows && pix < p.ohw)
-      IO::store(p.y, (b.n * p.ohw + pix) * p.s.C + c, apply_activation(st.acc[0][j] + bias, p.act));
-  }
-}
-
-// Layout dispatch at compile time, so each kernel instantiation carries one body.
-template <class IO, Layout L>
-DEPRUNE_HD void phase_accumulate(const KernelParams& p, const BlockCoord& b, int tid, const void* smem, int32_t k,
-                                 ThreadState& st) {
-  if (L == Layout::NCHW)
-    phase_accumulate_nchw<IO>(p, b, tid, smem, k, st);
-  else
-    phase_accumulate_nhwc<IO>(p, b, tid, smem, k, st);
-}
-
-template <class IO, Layout L>
-DEPRUNE_HD void phase_store(const KernelParams& p, const BlockCoord& b, int tid, const ThreadState& st) {
-  if (L == Layout::NCHW)
-    phase_store_nchw<IO>(p, b, tid, st);
-  else
-    phase_store_nhwc<IO>(p, b, tid, st);
 }
 
 // --- grid -------------------------------------------------------------------------------------------------------
@@ -347,7 +273,7 @@ DEPRUNE_HD BlockCoord block_coord(uint32_t bx, uint32_t by, uint32_t bz, int64_t
 //   finish()  ends the block (the emulation runs what is still pending).
 // The barriers sit here, outside any per-thread branch, and the chunk count is the same for every thread, so every
 // thread reaches every barrier. Per-thread lambdas capture by value: the emulation runs them at the next barrier.
-template <class IO, Layout L, class Threads>
+template <class IO, class Threads>
 DEPRUNE_HD void run_block(const KernelParams& params, const BlockCoord& coord, void* smem, Threads& threads) {
   const KernelParams* p = &params;
   const BlockCoord* b = &coord;
@@ -358,9 +284,9 @@ DEPRUNE_HD void run_block(const KernelParams& params, const BlockCoord& coord, v
     if (k > 0) threads.barrier();  // the previous chunk is fully consumed before it is overwritten
     threads.each([=](int tid) { phase_load(*p, *b, tid, kThreads, smem, k); });
     threads.barrier();  // the chunk is fully loaded before any thread reads it
-    threads.each([=](int tid) { phase_accumulate<IO, L>(*p, *b, tid, smem, k, th->state(tid)); });
+    threads.each([=](int tid) { phase_accumulate_nchw<IO>(*p, *b, tid, smem, k, th->state(tid)); });
   }
-  threads.each([=](int tid) { phase_store<IO, L>(*p, *b, tid, th->state(tid)); });
+  threads.each([=](int tid) { phase_store_nchw<IO>(*p, *b, tid, th->state(tid)); });
   threads.finish();
 }
 

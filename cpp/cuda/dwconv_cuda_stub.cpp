@@ -12,8 +12,8 @@ bool compiled() { return false; }
 
 int device_count() { return 0; }
 
-void sparse_dwconv2d(const DWConvShape&, const SparseTaps&, const float*, Activation, DType, Layout, const void*,
-                     void*, int, std::uintptr_t) {
+void sparse_dwconv2d(const DWConvShape&, const SparseTaps&, const BlockTaps&, const float*, Activation, DType, Layout,
+                     const void*, void*, int, std::uintptr_t) {
   throw std::runtime_error(
       "timm_deprune was built without CUDA kernels; rebuild with a CUDA compiler or -C "
       "cmake.define.DEPRUNE_CUDA=ON");

@@ -68,6 +68,15 @@ inline uint16_t float_to_bf16_bits(float f) {
   return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
 }
 
+// Whether w is -0.0f: how a plan's block weights mark a lane whose channel pruned the tap (kernels/plan.py).
+DEPRUNE_HD bool pruned_lane(float w) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(w) == 0x80000000u;
+#else
+  return float_to_bits(w) == 0x80000000u;
+#endif
+}
+
 // --- IO policies: load element i of x as fp32, store fp32 v as element i of y ---------------------------------
 // Loads go through a __restrict__ const pointer, so the device compiler may use the read-only data path.
 struct IOFloat {
@@ -75,6 +84,25 @@ struct IOFloat {
     return static_cast<const float*>(base)[i];
   }
   static DEPRUNE_HD void store(void* __restrict__ base, int64_t i, float v) { static_cast<float*>(base)[i] = v; }
+  // Eight consecutive elements i..i+7 (i * 4 bytes 16-byte aligned on the device: two 16-byte loads / stores).
+  static DEPRUNE_HD void load8(const void* __restrict__ base, int64_t i, float* v) {
+#if defined(__CUDA_ARCH__)
+    const float4* q = reinterpret_cast<const float4*>(static_cast<const float*>(base) + i);
+    const float4 a = __ldg(q), b = __ldg(q + 1);
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+#else
+    for (int c = 0; c < 8; ++c) v[c] = load(base, i + c);
+#endif
+  }
+  static DEPRUNE_HD void store8(void* __restrict__ base, int64_t i, const float* v) {
+#if defined(__CUDA_ARCH__)
+    float4* q = reinterpret_cast<float4*>(static_cast<float*>(base) + i);
+    q[0] = make_float4(v[0], v[1], v[2], v[3]);
+    q[1] = make_float4(v[4], v[5], v[6], v[7]);
+#else
+    for (int c = 0; c < 8; ++c) store(base, i + c, v[c]);
+#endif
+  }
 };
 
 struct IOHalf {
@@ -93,6 +121,29 @@ struct IOHalf {
     static_cast<uint16_t*>(base)[i] = float_to_half_bits(v);
 #endif
   }
+  // Eight consecutive elements i..i+7 (i * 2 bytes 16-byte aligned on the device: one 16-byte load / store).
+  static DEPRUNE_HD void load8(const void* __restrict__ base, int64_t i, float* v) {
+#if defined(__CUDA_ARCH__)
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(base) + i));
+    const __half2* h = reinterpret_cast<const __half2*>(&raw);
+    for (int k = 0; k < 4; ++k) {
+      const float2 f = __half22float2(h[k]);
+      v[2 * k] = f.x, v[2 * k + 1] = f.y;
+    }
+#else
+    for (int c = 0; c < 8; ++c) v[c] = load(base, i + c);
+#endif
+  }
+  static DEPRUNE_HD void store8(void* __restrict__ base, int64_t i, const float* v) {
+#if defined(__CUDA_ARCH__)
+    uint4 raw;
+    __half2* h = reinterpret_cast<__half2*>(&raw);
+    for (int k = 0; k < 4; ++k) h[k] = __floats2half2_rn(v[2 * k], v[2 * k + 1]);
+    *reinterpret_cast<uint4*>(static_cast<uint16_t*>(base) + i) = raw;
+#else
+    for (int c = 0; c < 8; ++c) store(base, i + c, v[c]);
+#endif
+  }
 };
 
 struct IOBFloat16 {
@@ -109,6 +160,29 @@ struct IOBFloat16 {
     static_cast<uint16_t*>(base)[i] = __bfloat16_as_ushort(__float2bfloat16_rn(v));
 #else
     static_cast<uint16_t*>(base)[i] = float_to_bf16_bits(v);
+#endif
+  }
+  // Eight consecutive elements i..i+7 (i * 2 bytes 16-byte aligned on the device: one 16-byte load / store).
+  static DEPRUNE_HD void load8(const void* __restrict__ base, int64_t i, float* v) {
+#if defined(__CUDA_ARCH__)
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(base) + i));
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+    for (int k = 0; k < 4; ++k) {
+      const float2 f = __bfloat1622float2(h[k]);
+      v[2 * k] = f.x, v[2 * k + 1] = f.y;
+    }
+#else
+    for (int c = 0; c < 8; ++c) v[c] = load(base, i + c);
+#endif
+  }
+  static DEPRUNE_HD void store8(void* __restrict__ base, int64_t i, const float* v) {
+#if defined(__CUDA_ARCH__)
+    uint4 raw;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&raw);
+    for (int k = 0; k < 4; ++k) h[k] = __floats2bfloat162_rn(v[2 * k], v[2 * k + 1]);
+    *reinterpret_cast<uint4*>(static_cast<uint16_t*>(base) + i) = raw;
+#else
+    for (int c = 0; c < 8; ++c) store(base, i + c, v[c]);
 #endif
   }
 };

@@ -18,11 +18,12 @@ def dwconv2d_cpu(
     bias: int, launch: Launch, num_threads: int,
 ) -> None: ...
 def dwconv2d_cuda(
-    x: int, y: int, offsets: int, taps: int, weights: int, bias: int, launch: Launch, dtype: int, device: int,
-    stream: int,
+    x: int, y: int, offsets: int, taps: int, weights: int, block_offsets: int, block_taps: int, block_weights: int,
+    bias: int, launch: Launch, dtype: int, device: int, stream: int,
 ) -> None: ...
 def dwconv2d_cuda_emulate(
-    x: int, y: int, offsets: int, taps: int, weights: int, bias: int, launch: Launch, dtype: int = 0,
+    x: int, y: int, offsets: int, taps: int, weights: int, block_offsets: int, block_taps: int, block_weights: int,
+    bias: int, launch: Launch, dtype: int = 0, sms: int = 132,
 ) -> None: ...
 
 class PackedGemm:

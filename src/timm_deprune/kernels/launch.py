@@ -142,7 +142,7 @@ def cuda_call(x: torch.Tensor, plan_tensors: Sequence[torch.Tensor], kh: int, kw
     """As :func:`cpu_call`, on CUDA: launched on the current stream of ``x``'s device."""
     fn = load_extension().dwconv2d_cuda
     shape, strides, geometry = _geometry(x, kh, kw, stride, pads, dilation, act)
-    head = tuple(t.data_ptr() for t in plan_tensors[:3])  # the CUDA kernel reads the per-channel CSR only
+    head = tuple(t.data_ptr() for t in plan_tensors)  # NCHW reads the per-channel taps, channels_last the blocks
     dtype, device = CUDA_DTYPE_CODES[x.dtype], x.device.index or 0
 
     def call(x: torch.Tensor, bias: Optional[torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:

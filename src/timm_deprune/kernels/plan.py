@@ -156,6 +156,12 @@ def check_plan_tensors(channels: int, kernel_size: tuple[int, int], offsets: tor
         problem = _index_problem(prefix, offs, idx, rows, kh * kw)
         if problem is not None:
             raise ValueError(f"malformed SparseDWPlan for {channels} channels, kernel {kh}x{kw}: {problem}")
+    # The CUDA channels_last kernel stages kh * kw entries per channel block: a longer list (a repeated tap) is
+    # malformed.
+    longest = int((block_offsets[1:] - block_offsets[:-1]).max()) if nblocks else 0
+    if longest > kh * kw:
+        raise ValueError(f"malformed SparseDWPlan for {channels} channels, kernel {kh}x{kw}: a channel block lists"
+                         f" {longest} taps, more than the kernel's {kh * kw} (a tap repeated)")
 
 
 def build_plan(weight: torch.Tensor, mask: torch.Tensor, group_size: int = GROUP_SIZE) -> SparseDWPlan:
