@@ -48,7 +48,7 @@ def make_mask(weight: torch.Tensor, keep: float, gran: str) -> tuple[torch.Tenso
     """(weight, mask) of one variant: reordered permutes the channels (equivalent to a reordered network)."""
     if gran == "block:8":
         c, _, kh, kw = weight.shape
-        return weight, select_dw_taps(weight.abs().reshape(c, kh, kw), 1.0 - keep, balance=True, block=8).mask
+        return weight, select_dw_taps(weight.abs().reshape(c, kh, kw), 1.0 - keep, balance=True, block=8).mask.to(weight.device)
     mask = balanced_magnitude_mask(weight, keep)
     if gran == "reordered":
         order = block_channel_order(mask.cpu()).to(weight.device)
