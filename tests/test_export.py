@@ -119,8 +119,11 @@ def test_graph_has_exactly_the_pruned_taps_at_zero(exported):
         # fuse() returns the bare conv, or Sequential(conv, activation) when an activation was fused into it
         key = next((k for k in (f"{name}.weight", f"{name}.0.weight") if k in weights), None)
         assert key is not None, f"no ONNX initializer for {name}"
-        w = weights[key]
-        assert w.shape == tuple(conv.weight.shape), (name, w.shape)
+        w, c = weights[key], conv.weight.shape[0]
+        # channels padded to a multiple of 8 (export's pad_channels) are appended, all zero
+        assert w.shape[1:] == tuple(conv.weight.shape[1:]) and w.shape[0] in (c, c + (-c % 8)), (name, w.shape)
+        assert not w[c:].any(), f"{name}: a padded channel is not zero"
+        w = w[:c]
         mask = conv.mask.numpy()
         assert np.array_equal(w[:, 0] != 0, mask), (
             f"{name}: {int((w != 0).sum())} non-zero taps in the ONNX weight, {int(mask.sum())} kept by the mask")
@@ -151,7 +154,8 @@ def test_overwrite_replaces_the_file(tmp_path, small_model, monkeypatch):
     target = tmp_path / "m.onnx"
     target.write_bytes(b"old")
     monkeypatch.setattr(torch.onnx, "export", _fake_exporter(b"new", fail=False))
-    assert export_onnx(small_model, target, input_size=SIZE, check=False, overwrite=True) == target
+    # pad_channels=None: the fake file is no ONNX model to add padding metadata to
+    assert export_onnx(small_model, target, input_size=SIZE, check=False, overwrite=True, pad_channels=None) == target
     assert target.read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
@@ -258,6 +262,9 @@ def test_cli_export_end_to_end(tmp_path, one_thread):
     assert f"wrote {target} (" in out and "input [2, 3, 64, 64]" in out, out
     assert "ORT check    ok: max rel. error" in out and "at batch 2 " in out, out
     assert sorted(p.name for p in target.parent.iterdir()) == ["mnv2.onnx"]
+    # dead-channel removal leaves odd counts: the file has them padded to multiples of 8, and says so
+    meta = {p.key: p.value for p in onnx.load(str(target)).metadata_props}
+    assert "padding      " in out and "exact-zero channels" in out and "timm_deprune.padded_blocks" in meta, (out, meta)
     (inp,) = ort_session(target).get_inputs()
     assert inp.shape == [2, 3, 64, 64]
     graph = onnx.load(str(target)).graph
@@ -266,6 +273,60 @@ def test_cli_export_end_to_end(tmp_path, one_thread):
     # the same output again: refused before loading anything
     code, _, err = run("export", f"local-dir:{folder}", "--output", str(target))
     assert_one_line_error(code, err, str(target), "--overwrite")
+
+
+def _internal_counts(model) -> dict[str, int]:
+    from timm_deprune.pruning.groups import find_channel_groups
+
+    return {g.block: int(model.get_submodule(g.producer).weight.shape[0]) for g in find_channel_groups(model)}
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2_050", "mobilenetv3_small_050", "efficientnet_b0"])
+def test_padded_channels_leave_the_output_unchanged(name, gen):
+    # Every block's internal channels cut to odd counts (as dead-channel removal leaves them), then padded back to
+    # multiples of 8 with zero channels: the same output, also through squeeze-excite and its gate.
+    from timm_deprune.inference.export import pad_block_channels
+    from timm_deprune.pruning.groups import find_channel_groups
+    from timm_deprune.pruning.surgery import prune_channels
+
+    model = _pruned(name, int(torch.randint(0, 2**31, (1,), generator=gen))).eval()
+    for group in find_channel_groups(model):
+        c = int(model.get_submodule(group.producer).weight.shape[0])
+        keep = torch.randperm(c, generator=gen)[: max(1, c - 1 - int(torch.randint(0, 7, (1,), generator=gen)))]
+        prune_channels(model, group, keep.sort().values)
+    before = _internal_counts(model)
+    x = torch.randn(2, *SIZE, generator=gen)
+    with torch.no_grad():
+        ref = model(x)
+        padded = pad_block_channels(model, 8)
+        out = model(x)
+    after = _internal_counts(model)
+    assert all(c % 8 == 0 for c in after.values()), after
+    assert padded == {b: (before[b], after[b]) for b in before if before[b] % 8}, (padded, before, after)
+    assert padded, "the case must pad something"
+    assert _rel(out, ref) < 1e-6
+
+
+def test_export_pads_channels_by_default_and_records_it(tmp_path, small_model):
+    from timm_deprune.inference.export import PAD_METADATA_KEY
+    from timm_deprune.pruning.groups import find_channel_groups
+    from timm_deprune.pruning.surgery import prune_channels
+
+    model = copy.deepcopy(small_model).eval()
+    group = next(iter(find_channel_groups(model)))
+    c = int(model.get_submodule(group.producer).weight.shape[0])
+    prune_channels(model, group, torch.arange(c - 3))  # an odd count in the first block
+    with _threads(1):
+        padded: dict = {}
+        path, errors = export_checked(model, tmp_path / "pad.onnx", input_size=SIZE, padded=padded)
+        plain, _ = export_checked(model, tmp_path / "plain.onnx", input_size=SIZE, pad_channels=1)
+    assert group.block in padded and padded[group.block][1] % 8 == 0 and max(errors.values()) <= CHECK_RTOL
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert f"{group.block}: {c - 3}->{padded[group.block][1]}" in meta[PAD_METADATA_KEY]
+    assert PAD_METADATA_KEY not in {p.key for p in onnx.load(str(plain)).metadata_props}
+    assert _internal_counts(model)[group.block] == c - 3  # the model itself is never changed
+    with pytest.raises(ValueError, match="pad_channels must be an int >= 1 or None, got 0"):
+        export_onnx(model, tmp_path / "bad.onnx", input_size=SIZE, pad_channels=0)
 
 
 def test_cli_export_errors(tmp_path):

@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--opset", type=int, metavar="N", help="ai.onnx opset version (default: torch's)")
     e.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the ONNX Runtime comparison with the PyTorch model")
+    e.add_argument("--pad-channels", type=int, default=8, metavar="N",
+                   help="round each block's internal channel count up to a multiple of N with exact-zero channels,"
+                   " which keeps ONNX Runtime on its blocked kernels (default %(default)s; 1 keeps the counts)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     e.set_defaults(func=cmd_export)
 

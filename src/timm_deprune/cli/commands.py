@@ -283,20 +283,26 @@ def cmd_export(args: argparse.Namespace) -> None:
     from ..inference.export import MIN_OPSET, export_checked, onnx_opset
 
     start = time.perf_counter()
-    _check_numbers(args, batch_size=1, opset=MIN_OPSET)
+    _check_numbers(args, batch_size=1, opset=MIN_OPSET, pad_channels=1)
     output = args.output.expanduser().absolute()
     if output.is_dir():
         raise CliError(f"--output {output} is a folder; give the .onnx file to write")
     if output.exists() and not args.overwrite:
         raise CliError(f"{output} exists; pass --overwrite to replace it, or choose another --output")
     model = load_source(args.source)
+    padded: dict = {}
     path, errors = export_checked(model, output, input_size=args.input_size, batch_size=args.batch_size,
-                           dynamic_batch=not args.static_batch, opset=args.opset, check=args.check,
-                           overwrite=args.overwrite)
+                                  dynamic_batch=not args.static_batch, opset=args.opset, check=args.check,
+                                  overwrite=args.overwrite, pad_channels=args.pad_channels, padded=padded)
     size = args.input_size or (getattr(model, "pretrained_cfg", None) or {}).get("input_size") or (3, 224, 224)
     batch = "N (dynamic)" if not args.static_batch else str(args.batch_size)
     print(f"wrote {path} ({_size(path.stat().st_size)}; input [{batch}, {', '.join(map(str, size))}],"
           f" opset {onnx_opset(path)})")
+    if padded:
+        grown = sum(c1 - c0 for c0, c1 in padded.values())
+        print(f"padding      {len(padded)} blocks' internal channels rounded up to multiples of {args.pad_channels}"
+              f" with {grown} exact-zero channels, for ONNX Runtime's blocked kernels (outputs unchanged;"
+              " --pad-channels 1 keeps the counts)")
     if errors is None:
         print("ORT check    skipped (--no-check)")
     else:

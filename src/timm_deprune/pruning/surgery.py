@@ -18,10 +18,21 @@ from .groups import ChannelGroup, is_depthwise
 __all__ = ["prune_channels", "fold_dead_channels", "slice_channels", "slice_in", "slice_out", "slice_se"]
 
 
+def _take(t: torch.Tensor, index: torch.Tensor, dim: int, fill=0) -> torch.Tensor:
+    """``t.index_select(dim, index)``, where an index of -1 selects a new slice filled with ``fill``."""
+    index = index.to(t.device)
+    if bool((index < 0).any()):
+        shape = list(t.shape)
+        shape[dim] = 1
+        t = torch.cat([t, torch.full(shape, fill, dtype=t.dtype, device=t.device)], dim)
+        index = torch.where(index < 0, t.shape[dim] - 1, index)
+    return t.index_select(dim, index)
+
+
 def _param(t: Optional[torch.Tensor], index: torch.Tensor, dim: int) -> Optional[nn.Parameter]:
     if t is None:
         return None
-    return nn.Parameter(t.detach().index_select(dim, index.to(t.device)).clone(), requires_grad=t.requires_grad)
+    return nn.Parameter(_take(t.detach(), index, dim).clone(), requires_grad=t.requires_grad)
 
 
 def _local(index: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
@@ -84,14 +95,14 @@ def slice_channels(m: nn.Module, index: torch.Tensor) -> None:
             m.bias = _param(m.bias, index, 0)
         m.in_channels = m.out_channels = m.groups = n
         if hasattr(m, "mask") and isinstance(getattr(m, "mask"), torch.Tensor):
-            m.set_mask(m.mask.index_select(0, index.to(m.mask.device)))
+            m.set_mask(_take(m.mask, index, 0, False))
     elif isinstance(m, nn.modules.batchnorm._BatchNorm):
         for name in ("weight", "bias"):
             if getattr(m, name) is not None:
                 setattr(m, name, _param(getattr(m, name), index, 0))
-        for name in ("running_mean", "running_var"):
+        for name, fill in (("running_mean", 0.0), ("running_var", 1.0)):
             if getattr(m, name) is not None:
-                setattr(m, name, getattr(m, name).index_select(0, index.to(getattr(m, name).device)).clone())
+                setattr(m, name, _take(getattr(m, name), index, 0, fill).clone())
         m.num_features = n
     elif isinstance(m, nn.LayerNorm):
         for name in ("weight", "bias"):
@@ -114,7 +125,12 @@ def slice_se(m: nn.Module, index: torch.Tensor) -> None:
 
 
 def prune_channels(model: nn.Module, group: ChannelGroup, index: torch.Tensor) -> None:
-    """Keep only channels ``index`` (sorted) of ``group`` in every module that carries them."""
+    """Keep only channels ``index`` of ``group``, in that order, in every module that carries them.
+
+    An index of -1 inserts an exact-zero channel (zero filter, weights, bias and BN affine, BN variance 1, pruned
+    taps): it outputs ``act(0)``, which only zero weights read, so the block's output is unchanged. Not for groups
+    with a MixedConv2d (its parts take non-negative indices).
+    """
     index = index.to(torch.long).cpu()
     slice_out(model.get_submodule(group.producer), index)
     for path in group.channelwise:
