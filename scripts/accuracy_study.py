@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import timm_deprune as td
 from timm_deprune.hub.lite0 import load_lite0
+from baselines import torch_pruned_at  # scripts/: Torch-Pruning at a MACs budget, shared with benchmark.py
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -89,27 +90,6 @@ def channel_pruned_at(model, macs_target: int, size: int) -> td.PruneResult:
             lo = mid
         else:
             hi = mid
-    return best
-
-
-def torch_pruned_at(model, macs_target: int, size: int):
-    """Torch-Pruning group-magnitude channel pruning (uniform ratio, channels rounded to 8, classifier kept) whose
-    MACs (counted as ours are) come closest to ``macs_target``; returns (model, MACs, params)."""
-    import torch_pruning as tp
-    from timm_deprune.pruning.report import count_macs
-
-    x = torch.randn(1, 3, size, size)
-    lo, hi, best = 0.0, 0.9, None
-    for _ in range(10):
-        mid = (lo + hi) / 2
-        m = copy.deepcopy(model).eval()
-        tp.pruner.BasePruner(m, x, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=mid,
-                             ignored_layers=[m.get_classifier()], round_to=8).step()
-        counts = count_macs(m, (3, size, size))
-        macs, params = sum(v[0] for v in counts.values()), sum(p.numel() for p in m.parameters())
-        if best is None or abs(macs - macs_target) < abs(best[1] - macs_target):
-            best = (m, macs, params)
-        lo, hi = (mid, hi) if macs > macs_target else (lo, mid)
     return best
 
 

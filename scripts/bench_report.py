@@ -19,6 +19,7 @@ MODEL_VARIANTS = {
     "ours_native": "DEPrune-BH optimised, element masks, native blocks (ours, default)",
     "ours_native_block": "DEPrune-BH block:8 optimised, native blocks (ours)",
     "pruned_ort": "DEPrune-BH block:8 pruned-dense ONNX Runtime",
+    "tp_ort": "Torch-Pruning channel-pruned at DEPrune-BH's MACs, ONNX Runtime",
 }
 
 
@@ -56,7 +57,7 @@ def plot_model(results: dict, path: str) -> None:
     for i, k in enumerate(keys):
         vals = [best_eager(r["ms"]) / r["ms"][k] if k in r["ms"] else 0 for r in rows]
         ax.bar([j + i * width for j in range(len(rows))], vals, width, label=MODEL_VARIANTS[k], color=plt.cm.tab20(i),
-               hatch="//" if k.startswith(("ours", "masked")) or k == "pruned_ort" else None)
+               hatch="//" if k.startswith(("ours", "masked")) or k in ("pruned_ort", "tp_ort") else None)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))])
     ax.set_xticklabels([f"{r['model']}\nbatch {r['batch']}" for r in rows], fontsize=8)

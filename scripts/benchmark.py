@@ -289,7 +289,7 @@ def run_model(args: argparse.Namespace) -> None:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: torch.cuda.is_available() is False")
-        skip |= {"dense_ort", "pruned_ort"}  # ONNX Runtime runs on the CPU provider here
+        skip |= {"dense_ort", "pruned_ort", "tp_ort"}  # ONNX Runtime runs on the CPU provider here
     if {"dense_nchw", "dense_cl"} <= skip:
         raise SystemExit("keep dense_nchw or dense_cl: every ratio is against the best dense eager layout")
     try:
@@ -297,7 +297,14 @@ def run_model(args: argparse.Namespace) -> None:
         import onnxruntime  # noqa: F401
     except ImportError:
         print("# onnxruntime not installed: ONNX Runtime variants skipped (pip install '.[onnx]')", file=sys.stderr)
-        skip |= {"dense_ort", "pruned_ort"}
+        skip |= {"dense_ort", "pruned_ort", "tp_ort"}
+    if "tp_ort" not in skip:
+        try:
+            import torch_pruning  # noqa: F401
+        except ImportError:
+            print("# torch-pruning not installed: the Torch-Pruning + ONNX Runtime variant is skipped"
+                  " (pip install torch-pruning)", file=sys.stderr)
+            skip.add("tp_ort")
     import os
 
     where = (f"{torch.cuda.get_device_name(device)}" if device.type == "cuda"
@@ -317,7 +324,8 @@ def run_model(args: argparse.Namespace) -> None:
         torch._dynamo.config.fail_on_recompile_limit_hit = True  # never time an eager fallback as "compiled"
         dense = timm.create_model(name).eval()
         cl = dict(memory_format=torch.channels_last)
-        element = prune(dense, DepruneConfig.deprune_bh(dw_ratio=args.dw_ratio, pw_ratio=args.pw_ratio)).model.eval()
+        element_result = prune(dense, DepruneConfig.deprune_bh(dw_ratio=args.dw_ratio, pw_ratio=args.pw_ratio))
+        element = element_result.model.eval()
         block = prune(dense, DepruneConfig.deprune_bh(dw_ratio=args.dw_ratio, pw_ratio=args.pw_ratio,
                                                       granularity="block:8")).model.eval()
         if device.type != "cpu":  # pruned on the CPU (ONNX export below also reads these CPU models)
@@ -345,7 +353,15 @@ def run_model(args: argparse.Namespace) -> None:
             models["ours_block_compile_freeze"] = (torch.compile(copy.deepcopy(models["ours_block"][0]),
                                                                  options={"freezing": True}), True)
         sessions = {}
-        for key, src in (("dense_ort", dense), ("pruned_ort", block)):
+        ort_sources = [("dense_ort", dense), ("pruned_ort", block)]
+        if "tp_ort" not in skip:  # what a user would do instead: channel pruning to the same MACs, run in ORT
+            from baselines import torch_pruned_at
+
+            tp_model, tp_macs, _ = torch_pruned_at(dense, element_result.report.macs_after, 224)
+            print(f"# Torch-Pruning: {tp_macs / 1e6:.0f}M MACs vs DEPrune-BH's"
+                  f" {element_result.report.macs_after / 1e6:.0f}M ({name})")
+            ort_sources.append(("tp_ort", tp_model))
+        for key, src in ort_sources:
             if key not in skip:
                 path = export_onnx(src, f"{tmp.name}/{name}_{key}.onnx", overwrite=True)
                 sessions[key] = ort_session(path)

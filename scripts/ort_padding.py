@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import sys
 import tempfile
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import _interleaved  # noqa: E402  (the scripts' shared interleaved timer)
+from bench_kernels import _interleaved  # the scripts' shared interleaved timer
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
 """scripts/benchmark.py runs end to end on a small model (a smoke test: timings are not checked, only that every
 variant ran, the ratios are consistent and the JSON / PNG outputs are written)."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -28,8 +29,12 @@ def test_model_benchmark_writes_table_json_and_plot(tmp_path):
     data = json.loads((tmp_path / "r.json").read_text())
     (row,) = data["rows"]
     assert row["model"] == "mobilenetv3_small_050" and row["batch"] == 1
+    # tp_ort: Torch-Pruning at DEPrune-BH's MACs in ONNX Runtime (the test extra installs torch-pruning)
+    tp = {"tp_ort"} if importlib.util.find_spec("torch_pruning") and importlib.util.find_spec("onnxruntime") else set()
     assert set(row["ms"]) == {"dense_nchw", "dense_cl", "masked_dense", "ours_element", "ours_block", "ours_native",
-                              "ours_native_block"}
+                              "ours_native_block"} | tp
+    if tp:
+        assert "| Torch-Pruning channel-pruned at DEPrune-BH's MACs, ONNX Runtime |" in out
     assert all(v > 0 for v in row["ms"].values())
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| DEPrune-BH optimised, element masks, native blocks (ours, default) |" in out
