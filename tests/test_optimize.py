@@ -47,7 +47,11 @@ def test_optimized_model_matches_and_has_no_batchnorm(name, gen):
     for path, mask in res.masks.items():  # pruned taps stay exactly zero after folding; reordering permutes rows
         conv = opt.get_submodule(path)
         assert (conv.weight.detach()[:, 0][~conv.mask] == 0).all()
-        assert sorted(conv.mask.flatten(1).tolist()) == sorted(mask.flatten(1).tolist())
+        # padding (pad_channels=8) adds channels with every tap pruned, up to a multiple of 8
+        extra = conv.mask.shape[0] - mask.shape[0]
+        assert extra == 0 or (0 < extra < 8 and conv.mask.shape[0] % 8 == 0), (path, mask.shape, conv.mask.shape)
+        rows = mask.flatten(1).tolist() + [[False] * mask[0].numel()] * extra
+        assert sorted(conv.mask.flatten(1).tolist()) == sorted(rows)
 
 
 def test_fused_activation_is_kept_by_every_path(gen):
@@ -215,3 +219,27 @@ def test_output_check_runs_in_full_fp32_and_restores_the_math_settings():
     finally:
         torch.set_float32_matmul_precision(before[0])
         torch.backends.cudnn.allow_tf32 = before[1]
+
+
+
+def test_padding_channels_is_exact_and_optional(gen):
+    # Random BN statistics make dead DW channels carry a constant that dead-channel folding moves; the padded model
+    # must give the same output, and pad_channels=None must leave every count alone.
+    torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
+    model = timm.create_model("mobilenetv2_050").eval()
+    res = prune(model, DepruneConfig.deprune_bh(dw_ratio=0.71, pw_ratio=0.3), input_size=(3, 64, 64))
+    counts = {p: m.mask.shape[0] for p, m in masked_convs(res.model)}
+    assert any(c % 8 for c in counts.values()), "the case needs an odd channel count"
+    padded = optimize_for_inference(res.model, input_size=(3, 64, 64))
+    plain = optimize_for_inference(res.model, input_size=(3, 64, 64), pad_channels=None)
+    assert padded.deprune_inference_stats["padded_blocks"] == sum(c % 8 > 0 for c in counts.values())
+    assert plain.deprune_inference_stats["padded_blocks"] == 0
+    assert all(m.mask.shape[0] % 8 == 0 for _, m in masked_convs(padded))
+    assert {p: m.mask.shape[0] for p, m in masked_convs(plain)} == counts
+    x = torch.randn(2, 3, 64, 64, generator=gen).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = res.model.eval()(x)
+        for opt in (padded, plain):
+            assert float((opt(x) - ref).norm() / ref.norm()) < 1e-5
+    with pytest.raises(ValueError, match="pad_channels must be an int >= 1 or None, got 0"):
+        optimize_for_inference(res.model, pad_channels=0)

@@ -20,50 +20,19 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from timm.layers import MixedConv2d
-
 from ..data import model_input_size
 from ..layers import MaskedConv2d, masked_convs
-from ..pruning.groups import find_channel_groups, group_splits
-from ..pruning.surgery import prune_channels
 from .fold import fold_all_batchnorms
+from .reorder import pad_block_channels
 
-__all__ = ["export_onnx", "export_checked", "ort_session", "onnx_opset", "pad_block_channels", "CHECK_RTOL",
-           "MIN_OPSET", "PAD_METADATA_KEY"]
+__all__ = ["export_onnx", "export_checked", "ort_session", "onnx_opset", "CHECK_RTOL", "MIN_OPSET",
+           "PAD_METADATA_KEY"]
 
 CHECK_RTOL = 1e-5  # ORT vs PyTorch, relative L2 error of the output (fp32)
 MIN_OPSET = 18  # torch's dynamo exporter implements opset 18 and up; lower ones are a best-effort conversion
 INPUT_NAME = "input"
 _EXTRA = 'pip install "timm-deprune[onnx]"'  # onnx, onnxscript and onnxruntime
 PAD_METADATA_KEY = "timm_deprune.padded_blocks"  # ONNX metadata: which blocks got zero channels, and how many
-
-
-@torch.no_grad()
-def pad_block_channels(model: nn.Module, multiple: int = 8) -> dict[str, tuple[int, int]]:
-    """Round each block's internal channel count up to a multiple of ``multiple`` with exact-zero channels, in place.
-
-    Pruning point-wise filters and removing dead depth-wise channels leaves counts such as 409 of 576, which push
-    ONNX Runtime off its blocked-channel (NCHWc) conv kernels onto much slower ones. A zero channel (zero expanding
-    filter and bias, zero depth-wise weights, zero squeeze-excite and projection weights) outputs ``act(0)`` that
-    only zero weights read: the block's output is unchanged. Blocks whose channels are split by a MixedConv2d are
-    left alone.
-
-    Returns:
-        ``{block path: (channels before, channels after)}`` of the padded blocks.
-    """
-    padded = {}
-    for group in find_channel_groups(model):
-        if group_splits(model, group) or any(isinstance(model.get_submodule(p), MixedConv2d)
-                                             for p in (group.producer, group.consumer)):
-            continue
-        producer = model.get_submodule(group.producer)
-        channels = int(producer.weight.shape[0])
-        extra = -channels % multiple
-        if extra:
-            index = torch.cat([torch.arange(channels), torch.full((extra,), -1, dtype=torch.long)])
-            prune_channels(model, group, index)
-            padded[group.block] = (channels, channels + extra)
-    return padded
 
 
 def _import_ort(hint: str = ""):

@@ -1,5 +1,6 @@
-"""Reordering each block's internal channels by depth-wise tap pattern, so the channels_last kernel's 8-channel
-SIMD blocks run few lanes; the permutation goes through PW pruning's surgery, so block outputs are unchanged.
+"""Each block's internal channels: reordered by depth-wise tap pattern, so the channels_last kernel's 8-channel
+SIMD blocks run few lanes, and padded to a multiple of 8 with exact-zero channels; both go through PW pruning's
+surgery, so block outputs are unchanged.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from ..layers import MaskedConv2d
 from ..pruning.groups import ChannelGroup, find_channel_groups, group_splits
 from ..pruning.surgery import prune_channels
 
-__all__ = ["reorder_dw_channels", "block_shared"]
+__all__ = ["reorder_dw_channels", "block_shared", "pad_block_channels"]
 
 
 def _tap_patterns(model: nn.Module, group: ChannelGroup) -> Optional[torch.Tensor]:
@@ -76,3 +77,33 @@ def block_shared(mask: torch.Tensor, block: int = 8) -> bool:
     flat = mask.reshape(mask.shape[0], -1)
     starts = torch.arange(flat.shape[0]) // block * block
     return bool((flat == flat[starts]).all())
+
+
+@torch.no_grad()
+def pad_block_channels(model: nn.Module, multiple: int = 8) -> dict[str, tuple[int, int]]:
+    """Round each block's internal channel count up to a multiple of ``multiple`` with exact-zero channels, in place.
+
+    Pruning point-wise filters and removing dead depth-wise channels leaves counts such as 409 of 576, which push
+    ONNX Runtime off its blocked-channel (NCHWc) conv kernels onto much slower ones, and leave a ragged last
+    8-channel block in our own kernels (the GEMMs' column panels, the channels_last DW kernel's SIMD blocks, the
+    CUDA kernel's 16-byte loads). A zero channel (zero expanding
+    filter and bias, zero depth-wise weights, zero squeeze-excite and projection weights) outputs ``act(0)`` that
+    only zero weights read: the block's output is unchanged. Blocks whose channels are split by a MixedConv2d are
+    left alone.
+
+    Returns:
+        ``{block path: (channels before, channels after)}`` of the padded blocks.
+    """
+    padded = {}
+    for group in find_channel_groups(model):
+        if group_splits(model, group) or any(isinstance(model.get_submodule(p), MixedConv2d)
+                                             for p in (group.producer, group.consumer)):
+            continue
+        producer = model.get_submodule(group.producer)
+        channels = int(producer.weight.shape[0])
+        extra = -channels % multiple
+        if extra:
+            index = torch.cat([torch.arange(channels), torch.full((extra,), -1, dtype=torch.long)])
+            prune_channels(model, group, index)
+            padded[group.block] = (channels, channels + extra)
+    return padded
