@@ -93,6 +93,14 @@ def test_hsr_steps_of_one_ninth_for_3x3():
     assert aligned_count(0.999 * 288, 288, 32, "over", 1) == 256  # never all 288: min_keep
 
 
+def test_dcp_never_prunes_a_whole_layer():
+    # Found by hypothesis: one 3x3 channel at ratio 0.96875 rounded to 9 of 9 taps pruned.
+    sel = select_dw_taps(torch.rand(1, 3, 3, generator=torch.Generator().manual_seed(0)), 0.96875, balance=False)
+    assert int(sel.mask.sum()) == 1 and sel.achieved_ratio < 1.0
+    sel = select_dw_taps(torch.rand(2, 3, 3), 0.99, balance=False, min_keep=3)
+    assert int(sel.mask.sum()) == 3
+
+
 @settings(max_examples=60, deadline=None)
 @given(c=st.integers(1, 130), k=st.sampled_from([(3, 3), (5, 5), (1, 9), (7, 7)]),
        ratio=st.floats(0.0, 0.99), balance=st.booleans(), align=st.sampled_from(["none", "under", "over", "nearest"]),

@@ -119,7 +119,8 @@ def select_dw_taps(scores: torch.Tensor, ratio: float, *, balance: bool, align: 
         targets = [ratio * n for n in columns]
     else:
         # DCP: one threshold for the whole layer; a group's target is what that ranking prunes in it.
-        total = int(round(ratio * c * k))
+        # Never the whole layer: at least min_keep taps stay (0.97 of one 3x3 channel rounds to all 9).
+        total = min(int(round(ratio * c * k)), max(0, c * k - min_keep))
         pruned = ~_prune_lowest(flat.reshape(1, -1), torch.tensor([total]))[0].reshape(c, k)
         if align == "none":
             mask = ~pruned
