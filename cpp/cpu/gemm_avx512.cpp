@@ -3,6 +3,10 @@
 #include <cstdint>
 #include <utility>
 
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>  // masked loads and stores at the N edge (gemm_kernels.inc)
+#endif
+
 #include "gemm.h"
 
 #define GEMM_W 16
