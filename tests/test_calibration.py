@@ -253,6 +253,26 @@ def test_calibrator_targets_and_replayed_head_inputs():
     calib.close()
 
 
+def test_dw_offset_lands_in_the_following_bn():
+    gen = torch.Generator().manual_seed(25)
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(4),
+                          nn.Conv2d(4, 4, 3, padding=1, groups=4)).eval()
+    model[1].running_mean.normal_(generator=gen)
+    x = [torch.randn(2, 4, 6, 6, generator=gen)]
+    calib = Calibrator(model, model, x)
+    off = torch.tensor([1.0, -2.0, 0.5, 0.0])
+    before_mean, before_bias = model[1].running_mean.clone(), model[2].bias.detach().clone()
+    with torch.no_grad():
+        ref = model[1](model[0](x[0]) + off[:, None, None])
+    assert calib.offset_home("0") and calib.offset_home("2")
+    assert calib.set_offset("0", off) and calib.set_offset("2", off)
+    with torch.no_grad():  # bn(conv(x) + b) == bn with its running mean lowered by b
+        assert torch.allclose(model[1](model[0](x[0])), ref, atol=1e-5)
+    assert torch.allclose(model[1].running_mean, before_mean - off)
+    assert torch.allclose(model[2].bias.detach(), before_bias + off)
+    calib.close()
+
+
 def test_dense_channels_of_mixed_conv_parts():
     from timm_deprune.pruning.groups import find_channel_groups
 
