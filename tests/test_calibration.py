@@ -12,8 +12,8 @@ from torch import nn
 
 import timm
 from timm_deprune import DepruneConfig, prune
-from timm_deprune.pruning.calibrator import Calibrator, collect_inputs
-from timm_deprune.pruning.obs import damped_inverse, dw_hessian, obs_select, refit_kept_taps
+from timm_deprune.pruning.calibrator import Calibrator, collect_inputs, dw_dense_channels, take_rows
+from timm_deprune.pruning.obs import DWStats, damped_inverse, dw_hessian, dw_patches, obs_select, refit_kept_taps
 from timm_deprune.pruning.select import select_dw_taps
 
 CFG = DepruneConfig.deprune_bh(dw_ratio=0.71, pw_ratio=0.3, importance="obs")
@@ -142,6 +142,150 @@ def test_dw_hessian_predicts_output_error():
     with torch.no_grad():
         diff = conv(x) - nn.functional.conv2d(x, conv.weight - dw, stride=2, padding=1, groups=8)
     assert torch.allclose(diff.square().sum((0, 2, 3)), _error(dw, torch.zeros_like(dw), h), rtol=1e-9)
+
+
+@pytest.mark.parametrize("stride,padding,dilation,kernel", [(1, 1, 1, 3), (2, 1, 1, 3), (1, 2, 1, 5), (1, 2, 2, 3),
+                                                          (1, "same", 1, 3)])
+def test_dw_patches_at_sampled_positions(stride, padding, dilation, kernel):
+    gen = torch.Generator().manual_seed(20)
+    conv = nn.Conv2d(5, 5, kernel, stride=stride, padding=padding, dilation=dilation, groups=5)
+    x = torch.randn(3, 5, 11, 9, generator=gen).contiguous(memory_format=torch.channels_last)
+    full = dw_patches(conv, x)  # [N, C, k, L], every position
+    with torch.no_grad():  # the patches reproduce the conv
+        y = torch.einsum("nckl,ck->ncl", full, conv.weight.reshape(5, -1)) + conv.bias[None, :, None]
+        assert torch.allclose(y, conv(x).reshape(3, 5, -1), atol=1e-5)
+    pos = torch.randint(full.shape[-1], (3, 7), generator=gen)
+    per_image = full.gather(3, pos[:, None, None, :].expand(3, 5, full.shape[2], 7))
+    assert torch.equal(dw_patches(conv, x, pos), per_image)
+    assert torch.equal(dw_patches(conv, x, pos[0]), full[..., pos[0]])
+
+
+def test_take_rows_matches_layout():
+    gen = torch.Generator().manual_seed(21)
+    t = torch.randn(2, 4, 3, 5, generator=gen)
+    idx = torch.tensor([[0, 14, 3], [7, 7, 1]])
+    rows = take_rows(nn.Conv2d(4, 4, 1), t.contiguous(memory_format=torch.channels_last), idx)
+    flat = t.reshape(2, 4, 15)
+    ref = torch.stack([flat[n, :, i] for n in range(2) for i in idx[n]])
+    assert torch.equal(rows, ref)
+    lin = torch.randn(2, 6, 4, generator=gen)
+    assert torch.equal(take_rows(nn.Linear(4, 3), lin, idx[:, :2] % 6), torch.stack(
+        [lin[n, i] for n in range(2) for i in (idx[n, :2] % 6)]))
+
+
+def test_refit_kept_taps_with_targets_is_least_squares_against_them():
+    gen = torch.Generator().manual_seed(22)
+    c, k, n = 6, 9, 300
+    x = torch.randn(c, k, n, generator=gen, dtype=torch.float64)
+    w = torch.randn(c, 1, 3, 3, generator=gen, dtype=torch.float64)
+    y = torch.einsum("ck,ckn->cn", torch.randn(c, k, generator=gen, dtype=torch.float64), x)  # another layer's
+    mask = torch.rand(c, 3, 3, generator=gen) > 0.5
+    mask[:, 1, 1] = True
+    h, g = x @ x.transpose(1, 2), (x @ y[:, :, None])[:, :, 0]
+    out = refit_kept_taps(w, h, mask, damp=0.0, target=g).reshape(c, k)
+    for ch in range(c):
+        kept = mask[ch].reshape(k).numpy()
+        sol, *_ = np.linalg.lstsq(x[ch][kept].T.numpy(), y[ch].numpy(), rcond=None)
+        assert np.allclose(out[ch, kept].numpy(), sol, atol=1e-8)
+    # g = H w: fitting the layer's own outputs is the plain refit, and OBS selects as without a target
+    own = (h @ w.reshape(c, k, 1))[:, :, 0]
+    assert torch.allclose(refit_kept_taps(w, h, mask, target=own), refit_kept_taps(w, h, mask))
+    s1, w1 = obs_select(w, h, 0.5, balance=True, align="none")
+    s2, w2 = obs_select(w, h, 0.5, balance=True, align="none", target=own)
+    assert torch.equal(s1.mask, s2.mask) and torch.allclose(w1, w2)
+
+
+def test_dw_stats_centered_fit_has_a_free_offset():
+    gen = torch.Generator().manual_seed(23)
+    conv = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False).double()
+    x = torch.randn(6, 4, 8, 8, generator=gen, dtype=torch.float64) + 2.0  # inputs with a mean
+    target = torch.randn(4, 1, 3, 3, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        y = nn.functional.conv2d(x, target, padding=1, groups=4) + torch.tensor([1.0, -2.0, 0.5, 3.0],
+                                                                                 dtype=torch.float64)[:, None, None]
+    st = DWStats.zeros(4, 9, targets=True)
+    for part in range(0, 6, 2):  # batch by batch
+        st.add(dw_patches(conv, x[part:part + 2]), y[part:part + 2].reshape(2, 4, -1))
+    mask = torch.rand(4, 3, 3, generator=gen) > 0.4
+    mask[:, 1, 1] = True
+    w = refit_kept_taps(conv.weight, st.hessian(True), mask, damp=0.0, target=st.target(True))
+    b = st.offset(w)
+    p = dw_patches(conv, x).permute(1, 0, 3, 2).reshape(4, -1, 9)  # [C, samples, k]
+    yr = y.permute(1, 0, 2, 3).reshape(4, -1)
+    for ch in range(4):
+        kept = mask[ch].reshape(9)
+        a = torch.cat([p[ch][:, kept], torch.ones(p.shape[1], 1, dtype=torch.float64)], 1)
+        sol = torch.linalg.lstsq(a, yr[ch][:, None]).solution[:, 0]
+        assert torch.allclose(w.reshape(4, 9)[ch, kept], sol[:-1], atol=1e-8)
+        assert b[ch].item() == pytest.approx(sol[-1].item(), abs=1e-8)
+    sub = st.take(torch.tensor([2, 0]))
+    assert torch.equal(sub.h, st.h[[2, 0]]) and torch.equal(sub.g, st.g[[2, 0]]) and sub.n == st.n
+
+
+def test_calibrator_targets_and_replayed_head_inputs():
+    gen = torch.Generator().manual_seed(24)
+    model = timm.create_model("efficientnet_b0", num_classes=10).eval()
+    inputs = collect_inputs([torch.randn(2, 3, 64, 64, generator=gen) for _ in range(2)])
+    calib = Calibrator(model, model, inputs)
+    assert calib.units and calib.units[0] == "blocks.0.0"
+    dw = "blocks.1.0.conv_dw"
+    calib.record(refit=["conv_head"], dw=[dw])
+    conv = model.get_submodule(dw)
+    st = calib.dw_stats(dw)
+    ref = DWStats.zeros(conv.out_channels, 9, targets=True)
+    for i, x in enumerate(inputs):  # the same positions, recomputed from a plain forward with hooks
+        with torch.no_grad():
+            xin = Calibrator._run_to(model, conv, x)
+            y = conv(xin).reshape(len(x), conv.out_channels, -1)
+        idx = calib._pos[dw][i]
+        yi = y if idx is None else y.gather(2, idx[:, None, :].expand(len(x), y.shape[1], idx.shape[1]))
+        ref.add(dw_patches(conv, xin, idx), yi)
+    assert ref.n == st.n > 0
+    for a, b in ((st.h, ref.h), (st.g, ref.g), (st.sy, ref.sy), (st.sp, ref.sp)):  # float32 sums of one batch
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+    # the head conv, after the chain, reads the cached chain output: the same as a forward from the input
+    head = model.get_submodule("conv_head")
+    got = list(calib._inputs_of(head, "conv_head"))
+    assert calib.unit == len(calib.units)
+    with torch.no_grad():
+        for x, g in zip(inputs, got):
+            assert torch.allclose(g, Calibrator._run_to(model, head, x), atol=1e-5)
+    calib.close()
+
+
+def test_dw_offset_lands_in_the_following_bn():
+    gen = torch.Generator().manual_seed(25)
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(4),
+                          nn.Conv2d(4, 4, 3, padding=1, groups=4)).eval()
+    model[1].running_mean.normal_(generator=gen)
+    x = [torch.randn(2, 4, 6, 6, generator=gen)]
+    calib = Calibrator(model, model, x)
+    off = torch.tensor([1.0, -2.0, 0.5, 0.0])
+    before_mean, before_bias = model[1].running_mean.clone(), model[2].bias.detach().clone()
+    with torch.no_grad():
+        ref = model[1](model[0](x[0]) + off[:, None, None])
+    assert calib.offset_home("0") and calib.offset_home("2")
+    assert calib.set_offset("0", off) and calib.set_offset("2", off)
+    with torch.no_grad():  # bn(conv(x) + b) == bn with its running mean lowered by b
+        assert torch.allclose(model[1](model[0](x[0])), ref, atol=1e-5)
+    assert torch.allclose(model[1].running_mean, before_mean - off)
+    assert torch.allclose(model[2].bias.detach(), before_bias + off)
+    calib.close()
+
+
+def test_dense_channels_of_mixed_conv_parts():
+    from timm_deprune.pruning.groups import find_channel_groups
+
+    model = timm.create_model("mixnet_s", num_classes=10)
+    groups = find_channel_groups(model)
+    g = next(g for g in groups if g.dw is None and isinstance(model.get_submodule(g.channelwise[1]),
+                                                                timm.layers.MixedConv2d))
+    mixed = model.get_submodule(g.channelwise[1])
+    sizes = [c.out_channels for c in mixed.values()]
+    kept = torch.arange(0, sum(sizes), 3)
+    parts = [dw_dense_channels(model, groups, {g.producer: kept}, f"{g.channelwise[1]}.{j}") for j in range(len(sizes))]
+    assert torch.equal(torch.cat([p + sum(sizes[:j]) for j, p in enumerate(parts)]), kept)
+    assert all(int(p.max()) < s for p, s in zip(parts, sizes))
 
 
 # --- reconstruction -----------------------------------------------------------------------------------------------

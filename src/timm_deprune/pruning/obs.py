@@ -13,6 +13,7 @@ Everything here is a pure function of tensors; :mod:`.calibrator` runs the netwo
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -23,7 +24,7 @@ from timm.layers import Conv2dSame, pad_same
 
 from .select import DWSelection, select_dw_taps, selection_of
 
-__all__ = ["DAMP", "DW_POSITIONS", "sample_positions", "dw_patches", "dw_hessian", "damping", "damped_inverse",
+__all__ = ["DAMP", "DW_POSITIONS", "sample_positions", "dw_patches", "dw_hessian", "DWStats", "ridge_start", "damping", "damped_inverse",
            "spd_inverse", "output_positions", "obs_paths", "obs_prune", "group_counts", "obs_select",
            "refit_kept_taps", "activation_rows", "refit_consumer", "can_refit"]
 
@@ -41,8 +42,8 @@ def sample_positions(n: int, cap: int, seed: int) -> Optional[torch.Tensor]:
 def dw_patches(conv: nn.Conv2d, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Input patches of a depth-wise conv: ``[N, C, kh*kw, L]``, padded as the conv pads.
 
-    ``positions``: flat output positions to take (L of them); all ``Ho*Wo`` when None. Each tap is a strided view
-    of the padded input, so only the chosen positions are ever copied.
+    ``positions``: flat output positions to take, ``[L]`` (the same for every image) or ``[N, L]`` (per image); all
+    ``Ho*Wo`` when None. Chosen positions are gathered from the padded input by index, so only they are copied.
     """
     kh, kw = conv.kernel_size
     if isinstance(conv, Conv2dSame):
@@ -56,16 +57,19 @@ def dw_patches(conv: nn.Conv2d, x: torch.Tensor, positions: Optional[torch.Tenso
         mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
         x = F.pad(x, [pw, pw, ph, ph], mode=mode)
     (sh, sw), (dh, dw_) = conv.stride, conv.dilation
-    ho = (x.shape[-2] - dh * (kh - 1) - 1) // sh + 1
-    wo = (x.shape[-1] - dw_ * (kw - 1) - 1) // sw + 1
-    taps = []
-    if positions is not None:
-        oy, ox = positions // wo, positions % wo
-    for i in range(kh):
-        for j in range(kw):
-            view = x[:, :, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw_: j * dw_ + sw * (wo - 1) + 1: sw]
-            taps.append(view.reshape(x.shape[0], x.shape[1], ho * wo) if positions is None else view[:, :, oy, ox])
-    return torch.stack(taps, 2)
+    n, c, hp, wp = x.shape
+    ho = (hp - dh * (kh - 1) - 1) // sh + 1
+    wo = (wp - dw_ * (kw - 1) - 1) // sw + 1
+    if positions is None:
+        taps = [x[:, :, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw_: j * dw_ + sw * (wo - 1) + 1: sw]
+                .reshape(n, c, ho * wo) for i in range(kh) for j in range(kw)]
+        return torch.stack(taps, 2)
+    pos = positions.to(torch.long).reshape(-1 if positions.dim() == 2 else 1, positions.shape[-1]).expand(n, -1)
+    corner = (pos // wo) * (sh * wp) + (pos % wo) * sw  # flat padded index of each window's top-left tap
+    offsets = torch.tensor([i * dh * wp + j * dw_ for i in range(kh) for j in range(kw)], dtype=torch.long)
+    index = (corner[:, None, :] + offsets[None, :, None]).reshape(n, 1, -1)  # [N, 1, k*L]
+    flat = x.reshape(n, c, hp * wp)
+    return flat.gather(2, index.expand(n, c, index.shape[-1])).reshape(n, c, kh * kw, -1)
 
 
 def output_positions(conv: nn.Conv2d, x: torch.Tensor) -> int:
@@ -89,6 +93,67 @@ def dw_hessian(conv: nn.Conv2d, x: torch.Tensor, out: Optional[torch.Tensor] = N
     p = p.permute(1, 2, 0, 3).reshape(c, k, -1)  # [C, k, n*L]
     out += torch.bmm(p, p.transpose(1, 2)).double().cpu()
     return out
+
+
+@dataclass
+class DWStats:
+    """Calibration statistics of one depth-wise conv, accumulated batch by batch (float64, per channel).
+
+    ``h = Σ p·pᵀ`` ``[C, k, k]`` and ``sp = Σ p`` ``[C, k]`` over the sampled input patches ``p`` of the pruned network;
+    with targets (outputs ``y`` of the dense network at the same positions) also ``g = Σ y·p`` ``[C, k]`` and
+    ``sy = Σ y`` ``[C]``. ``n``: patches per channel.
+    """
+
+    h: torch.Tensor
+    sp: torch.Tensor
+    n: int = 0
+    g: Optional[torch.Tensor] = None
+    sy: Optional[torch.Tensor] = None
+
+    @classmethod
+    def zeros(cls, channels: int, k: int, targets: bool) -> "DWStats":
+        z = dict(dtype=torch.float64)
+        return cls(torch.zeros(channels, k, k, **z), torch.zeros(channels, k, **z), 0,
+                   torch.zeros(channels, k, **z) if targets else None, torch.zeros(channels, **z) if targets else None)
+
+    def add(self, patches: torch.Tensor, y: Optional[torch.Tensor] = None) -> None:
+        """Add a batch: ``patches`` ``[N, C, k, L]`` (from :func:`dw_patches`), ``y`` ``[N, C, L]`` or None."""
+        dtype = torch.float64 if patches.dtype == torch.float64 else torch.float32
+        p = patches.to(dtype).permute(1, 2, 0, 3).reshape(patches.shape[1], patches.shape[2], -1)  # [C, k, n]
+        self.h += torch.bmm(p, p.transpose(1, 2)).double()  # float32 products of one batch, float64 sums
+        self.sp += p.sum(2).double()
+        self.n += p.shape[2]
+        if self.g is not None:
+            if y is None:
+                raise ValueError("these statistics hold targets: give the batch's outputs y")
+            yy = y.to(dtype).permute(1, 0, 2).reshape(p.shape[0], -1, 1)  # [C, n, 1]
+            self.g += torch.bmm(p, yy)[:, :, 0].double()
+            self.sy += yy.sum((1, 2)).double()
+
+    def take(self, channels: torch.Tensor) -> "DWStats":
+        """The statistics of ``channels`` only (an index or a bool mask)."""
+        return DWStats(self.h[channels], self.sp[channels], self.n, None if self.g is None else self.g[channels],
+                       None if self.sy is None else self.sy[channels])
+
+    def hessian(self, centered: bool = False) -> torch.Tensor:
+        """``Σ p·pᵀ``; centered: ``Σ (p - p̄)(p - p̄)ᵀ`` (the Hessian of the fit with a free per-channel offset)."""
+        if not centered or self.n == 0:
+            return self.h
+        mp = self.sp / self.n
+        return self.h - self.n * mp[:, :, None] * mp[:, None, :]
+
+    def target(self, centered: bool = False) -> Optional[torch.Tensor]:
+        """``Σ y·p`` (centered: ``Σ (y - ȳ)(p - p̄)``), or None without targets."""
+        if self.g is None or not centered or self.n == 0:
+            return self.g
+        return self.g - self.sy[:, None] * self.sp / self.n
+
+    def offset(self, weight: torch.Tensor) -> torch.Tensor:
+        """``ȳ - w·p̄`` per channel: the offset that, added to the conv's output, makes its mean the target's."""
+        if self.sy is None or self.n == 0:
+            raise ValueError("an offset needs statistics with targets")
+        w = weight.detach().reshape(self.sp.shape).double().cpu()
+        return (self.sy - (w * self.sp).sum(1)) / self.n
 
 
 def damping(diag: torch.Tensor, damp: float) -> torch.Tensor:
@@ -208,7 +273,7 @@ def group_counts(sel: DWSelection, block: int, group: int, balance: bool, align:
 
 def obs_select(weight: torch.Tensor, hessian: torch.Tensor, ratio: float, *, balance: bool, align: str = "none",
                tile: int = 32, group: int = 32, min_keep: int = 1, block: int = 1,
-               damp: float = DAMP) -> tuple[DWSelection, torch.Tensor]:
+               damp: float = DAMP, target: Optional[torch.Tensor] = None) -> tuple[DWSelection, torch.Tensor]:
     """OBS tap selection of one depth-wise layer; returns the selection and the updated weight ``[C, 1, kh, kw]``.
 
     The pruned counts are exactly those :func:`select_dw_taps` gives for the same options (ranked there by the
@@ -228,6 +293,8 @@ def obs_select(weight: torch.Tensor, hessian: torch.Tensor, ratio: float, *, bal
                          f" got {list(hessian.shape)}")
     w = weight.detach().reshape(c, k).double().cpu().clone()
     hinv = damped_inverse(hessian.double(), damp)
+    if target is not None:
+        w = ridge_start(w, hessian.double(), target, damp, hinv)
     sal0 = (w.square() / hinv.diagonal(dim1=-2, dim2=-1)).reshape(c, kh, kw)
     ref = select_dw_taps(sal0, ratio, balance=balance, align=align, tile=tile, group=group, min_keep=min_keep,
                          block=block)
@@ -239,12 +306,26 @@ def obs_select(weight: torch.Tensor, hessian: torch.Tensor, ratio: float, *, bal
     return sel, w.reshape(c, 1, kh, kw).to(weight.dtype)
 
 
+def ridge_start(w: torch.Tensor, hessian: torch.Tensor, target: torch.Tensor, damp: float = DAMP,
+                hinv: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(H + λI)⁻¹ (g + λ w)`` per channel (``w``, ``g`` ``[C, k]``; λ as in :func:`damped_inverse`, whose result
+    ``hinv`` may be passed): the unpruned ridge least-squares fit of the taps to the outputs behind ``g``."""
+    h = hessian.double().cpu()
+    lam = damping(h.diagonal(dim1=-2, dim2=-1), damp)
+    if hinv is None:
+        hinv = damped_inverse(h, damp)
+    g = target.reshape(w.shape).double().cpu()
+    return (hinv @ (g + lam[:, None] * w)[:, :, None])[:, :, 0]
+
+
 def refit_kept_taps(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor,
-                    damp: float = DAMP) -> torch.Tensor:
+                    damp: float = DAMP, target: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Least-squares refit of the kept taps: per channel ``argmin (w - w')ᵀ H (w - w')`` with pruned ``w' = 0``.
 
     ``w'_K = w_K + H_KK⁻¹ H_KP w_P`` (K kept, P pruned; H damped as in :func:`obs_select`), the same result the OBS
-    updates reach when they remove P. Returns the new ``[C, 1, kh, kw]`` weight (pruned taps zero).
+    updates reach when they remove P. With ``target`` ``g = Σ y·patch`` (see :func:`obs_select`) the kept taps fit
+    the outputs ``y`` instead: ``(H_KK + λI) w'_K = g_K + λ w_K``. Returns the new ``[C, 1, kh, kw]`` weight (pruned
+    taps zero).
     """
     c = weight.shape[0]
     k = mask[0].numel()
@@ -252,11 +333,16 @@ def refit_kept_taps(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Ten
     m = mask.reshape(c, k).cpu().to(torch.float64)
     h = hessian.double().cpu().clone()
     diag = h.diagonal(dim1=-2, dim2=-1)
-    diag += damping(diag, damp)[:, None]
+    lam = damping(diag, damp)
+    diag += lam[:, None]
     # one batched solve: H_KK on the kept taps, the identity on the pruned ones (their correction is 0)
     a = h * (m[:, :, None] * m[:, None, :]) + torch.diag_embed(1.0 - m)
-    rhs = (h @ (w * (1.0 - m))[:, :, None])[:, :, 0] * m
-    out = (w + (spd_inverse(a) @ rhs[:, :, None])[:, :, 0]) * m
+    if target is None:
+        rhs = (h @ (w * (1.0 - m))[:, :, None])[:, :, 0] * m
+        out = (w + (spd_inverse(a) @ rhs[:, :, None])[:, :, 0]) * m
+    else:  # (H_KK + λI) w'_K = g_K + λ w_K
+        rhs = (target.reshape(c, k).double().cpu() + lam[:, None] * w) * m
+        out = (spd_inverse(a) @ rhs[:, :, None])[:, :, 0] * m
     return out.reshape(weight.shape).to(weight.dtype)
 
 

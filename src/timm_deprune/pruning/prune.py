@@ -14,7 +14,7 @@ from timm.layers import Conv2dSame, MixedConv2d
 
 from ..config import CALIBRATED_IMPORTANCE, DepruneConfig, resolve_ratios
 from ..data import model_input_size
-from .calibrator import Calibrator, collect_inputs, max_rss_mb, pw_saliency
+from .calibrator import Calibrator, collect_inputs, dw_dense_channels, max_rss_mb
 from .groups import find_channel_groups, group_splits, is_depthwise
 from .importance import dw_scores, filter_scores, following_bn_scales
 from .obs import can_refit, obs_select, refit_kept_taps
@@ -137,9 +137,12 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
     pw_ratios = resolve_ratios(config.pw_ratio, [g.producer for g in groups], "pw_ratio")
     pw_kept: dict[str, torch.Tensor] = {}
     pw_dense: dict[str, int] = {}
-    t_cal = time.perf_counter()
-    pw_obs = pw_saliency(model, groups, inputs) if obs and any(pw_ratios.values()) else {}
-    cal_seconds += time.perf_counter() - t_cal
+    # calibration: one dense pass before anything changes (filter saliencies, the targets of every refit layer)
+    calib = Calibrator(model, dense if dense is not None else model, inputs) if (obs or reconstruct) else None
+    refit_at = ({p for p, m in model.named_modules() if can_refit(m) and not config.is_ignored(p)} if reconstruct
+                else set())
+    pw_obs = calib.record(groups if obs and any(pw_ratios.values()) else (), sorted(refit_at),
+                          [p for p, _ in dws if reconstruct and not config.is_ignored(p)]) if calib else {}
     for g in groups:
         ratio = pw_ratios.get(g.producer, 0.0)
         producer = model.get_submodule(g.producer)
@@ -166,20 +169,20 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
     opts = dict(balance=config.balance, align=config.align, tile=config.tile, group=config.group,
                 min_keep=config.min_keep, block=config.block)
 
-    def select(path, conv, ratio, hessian):
-        """The layer's selection and, with calibration data, its refit weight (None: weights unchanged)."""
+    def select(path, conv, ratio, st):
+        """The layer's selection and, with calibration data, its refit weight (None: weights unchanged). With
+        reconstruction the taps fit the dense outputs, with a free offset where the conv has a home for it."""
+        centered = st is not None and st.g is not None and calib.offset_home(path)
+        h, g = (st.hessian(centered), st.target(centered)) if st is not None else (None, None)
         if obs:
-            return obs_select(conv.weight, hessian, ratio, **opts)
+            return obs_select(conv.weight, h, ratio, target=g, **opts)
         sel = select_dw_taps(dw_scores(path, conv, config.importance, bn_of), ratio, **opts)
-        return sel, (refit_kept_taps(conv.weight, hessian, sel.mask) if reconstruct else None)
+        return sel, (refit_kept_taps(conv.weight, h, sel.mask, target=g) if reconstruct else None)
 
-    calib = Calibrator(model, dense if dense is not None else model, inputs) if (obs or reconstruct) else None
     # with reconstruct every 1x1 conv / Linear is refit in network order (outputs pruned: against the kept rows)
     rows_of = {g.producer: pw_kept[g.producer] for g in groups if len(pw_kept[g.producer]) < pw_dense[g.producer]}
     rows_of.update({f"{g.se}.{n}": pw_kept[g.producer] for g in groups if g.se and g.producer in rows_of
                     for n in ("conv_expand", "fc2")})
-    refit_at = ({p for p, m in model.named_modules() if can_refit(m) and not config.is_ignored(p)} if reconstruct
-                else set())
     index = {p: i for i, (p, _) in enumerate(model.named_modules())}
     events = sorted([(index[p], p) for p, _ in dws] + [(index[c], c) for c in refit_at])
     refit: list[str] = []
@@ -197,13 +200,13 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
         ratio = dw_ratios.get(path, 0.0)
         if ratio <= 0.0:
             continue
-        hessian = calib.hessian(path) if calib is not None else None
+        g = group_of_dw.get(path)
+        st = calib.dw_stats(path, dw_dense_channels(calib.dense, groups, pw_kept, path)) if calib else None
         t0 = time.perf_counter()
-        sel, weight = select(path, conv, ratio, hessian)
+        sel, weight = select(path, conv, ratio, st)
         decide += time.perf_counter() - t0
         dead = sel.dead_channels
         removed = 0
-        g = group_of_dw.get(path)
         if len(dead) and config.remove_dead and g is not None and g.can_fold_dead and len(dead) < conv.out_channels:
             # Remove the dead channels exactly, then select again on the rest at the same overall target.
             channels = conv.out_channels
@@ -215,12 +218,12 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
             if bn_of:  # channels moved: the BN scales must follow
                 bn_of = following_bn_scales(model)
             ratio2 = max((ratio * channels - removed) / (channels - removed), 0.0)
-            if hessian is not None:
+            if st is not None:
                 alive = torch.ones(channels, dtype=torch.bool)
                 alive[dead] = False
-                hessian = hessian[alive]
+                st = st.take(alive)
             t0 = time.perf_counter()
-            sel, weight = select(path, conv, ratio2, hessian)
+            sel, weight = select(path, conv, ratio2, st)
             decide += time.perf_counter() - t0
         dead_removed += removed
         dead_kept += len(sel.dead_channels)
@@ -235,6 +238,8 @@ def prune(model: nn.Module, config: DepruneConfig, *, inplace: bool = False,
         if weight is not None:
             with torch.no_grad():
                 conv.weight.copy_(weight.to(conv.weight))
+            if st is not None and st.g is not None and calib.offset_home(path):
+                calib.set_offset(path, st.offset(weight))
         model.set_submodule(path, to_masked(conv, sel.mask))
 
     calibration_info = None
