@@ -88,10 +88,7 @@ inline KernelParams make_params(const DWConvShape& s, const SparseTaps& t, const
     throw std::invalid_argument("sparse_dwconv2d (CUDA): spatial size too large for 32-bit indexing, got H=" +
                                 std::to_string(s.H) + " W=" + std::to_string(s.W) + " C=" + std::to_string(s.C) +
                                 " OH=" + std::to_string(s.OH) + " OW=" + std::to_string(s.OW));
-  // Displacements are stored as int16 in shared memory.
-  if ((s.kh - 1) * int64_t{s.dil_h} + s.pad_top > 32767 || (s.kw - 1) * int64_t{s.dil_w} + s.pad_left > 32767 ||
-      s.pad_top > 32767 || s.pad_left > 32767)
-    throw std::invalid_argument("sparse_dwconv2d (CUDA): kernel extent or padding above 32767");
+  check_int16_displacements(s);
   KernelParams p{};
   p.s = s;
   p.offsets = t.offsets;

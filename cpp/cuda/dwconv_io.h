@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
 
 #include "deprune/dwconv.h"
 
@@ -68,6 +69,13 @@ inline uint16_t float_to_bf16_bits(float f) {
   return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
 }
 
+// Both CUDA programs stage tap displacements as int16: the kernel's extent and padding must fit.
+inline void check_int16_displacements(const DWConvShape& s) {
+  if ((s.kh - 1) * int64_t{s.dil_h} + s.pad_top > 32767 || (s.kw - 1) * int64_t{s.dil_w} + s.pad_left > 32767 ||
+      s.pad_top > 32767 || s.pad_left > 32767)
+    throw std::invalid_argument("sparse_dwconv2d (CUDA): kernel extent or padding above 32767");
+}
+
 // Whether w is -0.0f: how a plan's block weights mark a lane whose channel pruned the tap (kernels/plan.py).
 DEPRUNE_HD bool pruned_lane(float w) {
 #if defined(__CUDA_ARCH__)
@@ -105,7 +113,40 @@ struct IOFloat {
   }
 };
 
-struct IOHalf {
+// Eight consecutive 2-byte elements i..i+7 as four pairs (IO::Pair: __half2 or __nv_bfloat162): one 16-byte load /
+// store on the device (i * 2 bytes 16-byte aligned); element by element through IO::load / IO::store on the host.
+template <class IO>
+struct PairsIO {
+  static DEPRUNE_HD void load8(const void* __restrict__ base, int64_t i, float* v) {
+#if defined(__CUDA_ARCH__)
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(base) + i));
+    const auto* h = reinterpret_cast<const typename IO::Pair*>(&raw);
+    for (int k = 0; k < 4; ++k) {
+      const float2 f = IO::to_float2(h[k]);
+      v[2 * k] = f.x, v[2 * k + 1] = f.y;
+    }
+#else
+    for (int c = 0; c < 8; ++c) v[c] = IO::load(base, i + c);
+#endif
+  }
+  static DEPRUNE_HD void store8(void* __restrict__ base, int64_t i, const float* v) {
+#if defined(__CUDA_ARCH__)
+    uint4 raw;
+    auto* h = reinterpret_cast<typename IO::Pair*>(&raw);
+    for (int k = 0; k < 4; ++k) h[k] = IO::from_floats(v[2 * k], v[2 * k + 1]);
+    *reinterpret_cast<uint4*>(static_cast<uint16_t*>(base) + i) = raw;
+#else
+    for (int c = 0; c < 8; ++c) IO::store(base, i + c, v[c]);
+#endif
+  }
+};
+
+struct IOHalf : PairsIO<IOHalf> {
+#if defined(__CUDACC__)
+  using Pair = __half2;
+  static __device__ __forceinline__ float2 to_float2(__half2 h) { return __half22float2(h); }
+  static __device__ __forceinline__ __half2 from_floats(float a, float b) { return __floats2half2_rn(a, b); }
+#endif
   static DEPRUNE_HD float load(const void* __restrict__ base, int64_t i) {
     const uint16_t h = static_cast<const uint16_t*>(base)[i];
 #if defined(__CUDA_ARCH__)
@@ -121,32 +162,16 @@ struct IOHalf {
     static_cast<uint16_t*>(base)[i] = float_to_half_bits(v);
 #endif
   }
-  // Eight consecutive elements i..i+7 (i * 2 bytes 16-byte aligned on the device: one 16-byte load / store).
-  static DEPRUNE_HD void load8(const void* __restrict__ base, int64_t i, float* v) {
-#if defined(__CUDA_ARCH__)
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(base) + i));
-    const __half2* h = reinterpret_cast<const __half2*>(&raw);
-    for (int k = 0; k < 4; ++k) {
-      const float2 f = __half22float2(h[k]);
-      v[2 * k] = f.x, v[2 * k + 1] = f.y;
-    }
-#else
-    for (int c = 0; c < 8; ++c) v[c] = load(base, i + c);
-#endif
-  }
-  static DEPRUNE_HD void store8(void* __restrict__ base, int64_t i, const float* v) {
-#if defined(__CUDA_ARCH__)
-    uint4 raw;
-    __half2* h = reinterpret_cast<__half2*>(&raw);
-    for (int k = 0; k < 4; ++k) h[k] = __floats2half2_rn(v[2 * k], v[2 * k + 1]);
-    *reinterpret_cast<uint4*>(static_cast<uint16_t*>(base) + i) = raw;
-#else
-    for (int c = 0; c < 8; ++c) store(base, i + c, v[c]);
-#endif
-  }
 };
 
-struct IOBFloat16 {
+struct IOBFloat16 : PairsIO<IOBFloat16> {
+#if defined(__CUDACC__)
+  using Pair = __nv_bfloat162;
+  static __device__ __forceinline__ float2 to_float2(__nv_bfloat162 h) { return __bfloat1622float2(h); }
+  static __device__ __forceinline__ __nv_bfloat162 from_floats(float a, float b) {
+    return __floats2bfloat162_rn(a, b);
+  }
+#endif
   static DEPRUNE_HD float load(const void* __restrict__ base, int64_t i) {
     const uint16_t b = static_cast<const uint16_t*>(base)[i];
 #if defined(__CUDA_ARCH__)
@@ -160,29 +185,6 @@ struct IOBFloat16 {
     static_cast<uint16_t*>(base)[i] = __bfloat16_as_ushort(__float2bfloat16_rn(v));
 #else
     static_cast<uint16_t*>(base)[i] = float_to_bf16_bits(v);
-#endif
-  }
-  // Eight consecutive elements i..i+7 (i * 2 bytes 16-byte aligned on the device: one 16-byte load / store).
-  static DEPRUNE_HD void load8(const void* __restrict__ base, int64_t i, float* v) {
-#if defined(__CUDA_ARCH__)
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(base) + i));
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-    for (int k = 0; k < 4; ++k) {
-      const float2 f = __bfloat1622float2(h[k]);
-      v[2 * k] = f.x, v[2 * k + 1] = f.y;
-    }
-#else
-    for (int c = 0; c < 8; ++c) v[c] = load(base, i + c);
-#endif
-  }
-  static DEPRUNE_HD void store8(void* __restrict__ base, int64_t i, const float* v) {
-#if defined(__CUDA_ARCH__)
-    uint4 raw;
-    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&raw);
-    for (int k = 0; k < 4; ++k) h[k] = __floats2bfloat162_rn(v[2 * k], v[2 * k + 1]);
-    *reinterpret_cast<uint4*>(static_cast<uint16_t*>(base) + i) = raw;
-#else
-    for (int c = 0; c < 8; ++c) store(base, i + c, v[c]);
 #endif
   }
 };
