@@ -24,7 +24,7 @@ def _time(fn, inner: int) -> float:
     return (time.perf_counter() - t0) / inner
 
 
-def _interleaved(variants: dict, repeats: int, target_s: float = 5e-3) -> dict:
+def interleaved(variants: dict, repeats: int, target_s: float = 5e-3) -> dict:
     """Median seconds per call of each variant, rounds interleaved, pause + untimed call before each group."""
     for fn in variants.values():
         fn()
@@ -40,7 +40,7 @@ def _interleaved(variants: dict, repeats: int, target_s: float = 5e-3) -> dict:
 
 def peak_gflops(repeats: int) -> float:
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    t = _interleaved({"mm": lambda: torch.mm(a, b)}, repeats, 0.05)["mm"]
+    t = interleaved({"mm": lambda: torch.mm(a, b)}, repeats, 0.05)["mm"]
     return 2 * 2048 ** 3 / t / 1e9
 
 
@@ -114,7 +114,7 @@ def run_pointwise(args, peak: float) -> list[dict]:
                 x_np = x.numpy()
                 variants["ort"] = lambda: session.run(None, {"x": x_np})
             with torch.no_grad():
-                t = _interleaved(variants, args.repeats)
+                t = interleaved(variants, args.repeats)
             flops = 2 * batch * h * w * k * n
             g = {key: flops / v / 1e9 for key, v in t.items()}
             ort = f"{g['ort']:.1f} ({g['ort'] / peak:.0%})" if "ort" in g else "-"
@@ -155,7 +155,7 @@ def run_blocks(args) -> list[dict]:
             xi = inputs[p]
             a, b = native.get_submodule(p), plain.get_submodule(p)
             with torch.no_grad():
-                t = _interleaved({"native": lambda: a(xi), "torch": lambda: b(xi)}, args.repeats)
+                t = interleaved({"native": lambda: a(xi), "torch": lambda: b(xi)}, args.repeats)
             for key in total:
                 total[key] += t[key]
             print(f"| {batch} | {p} | {list(xi.shape)} | {t['native'] * 1e3:.3f} | {t['torch'] * 1e3:.3f} |"

@@ -17,7 +17,7 @@ import tempfile
 
 import torch
 
-from bench_kernels import _interleaved  # the scripts' shared interleaved timer
+from bench_kernels import interleaved  # the scripts' shared interleaved timer
 
 
 def main() -> None:
@@ -58,7 +58,7 @@ def main() -> None:
                 fns = {k: (lambda s=s: s.run(None, {"input": x_np})) for k, s in sessions.items()}
                 fns.update({k: (lambda m=m: m(x_cl)) for k, m in ours.items()})
                 with torch.inference_mode():
-                    t = _interleaved(fns, args.repeats, 0.2)
+                    t = interleaved(fns, args.repeats, 0.2)
                 ms = {k: v * 1e3 for k, v in t.items()}
                 print(f"| {name} | {batch} | {len(padded)} | {ms['dense']:.2f} | {ms['unpadded']:.2f} |"
                       f" {ms['padded']:.2f} | {ms['unpadded'] / ms['padded']:.2f}x | {ms['ours_unpadded']:.2f} |"

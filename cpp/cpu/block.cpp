@@ -202,22 +202,23 @@ BlockDims NativeBlock::out_dims(const BlockDims& in) const {
   return d;
 }
 
+namespace {
+// out[o] = b[o] + sum_i in[i] * w[i * n_out + o]: one of squeeze-excite's two small fully connected layers.
+void fc(const float* in, int64_t n_in, const float* w, const float* b, int64_t n_out, float* out) {
+  for (int64_t o = 0; o < n_out; ++o) out[o] = b[o];
+  for (int64_t i = 0; i < n_in; ++i) {
+    const float v = in[i];
+    const float* row = w + i * n_out;
+    for (int64_t o = 0; o < n_out; ++o) out[o] += row[o] * v;
+  }
+}
+}  // namespace
+
 void NativeBlock::se_fc_gate(const BlockSE& se, const float* s, float* h, float* g) const {
-  const int64_t C = se.C, R = se.R;
-  for (int64_t r = 0; r < R; ++r) h[r] = se.b1[r];
-  for (int64_t c = 0; c < C; ++c) {
-    const float sc = s[c];
-    const float* w = se.w1.data() + c * R;
-    for (int64_t r = 0; r < R; ++r) h[r] += w[r] * sc;
-  }
-  for (int64_t r = 0; r < R; ++r) h[r] = apply_activation(h[r], se.act);
-  for (int64_t c = 0; c < C; ++c) g[c] = se.b2[c];
-  for (int64_t r = 0; r < R; ++r) {
-    const float hr = h[r];
-    const float* w = se.w2.data() + r * C;
-    for (int64_t c = 0; c < C; ++c) g[c] += w[c] * hr;
-  }
-  for (int64_t c = 0; c < C; ++c) g[c] = gate_value(g[c], se.gate);
+  fc(s, se.C, se.w1.data(), se.b1.data(), se.R, h);
+  for (int64_t r = 0; r < se.R; ++r) h[r] = apply_activation(h[r], se.act);
+  fc(h, se.R, se.w2.data(), se.b2.data(), se.C, g);
+  for (int64_t c = 0; c < se.C; ++c) g[c] = gate_value(g[c], se.gate);
 }
 
 void NativeBlock::run_se(const BlockSE& se, float* x, int64_t N, const BlockDims& d, int threads,
